@@ -1,0 +1,15 @@
+"""skpadim: PaDiM patch-distribution anomaly detection as scikit-learn estimators."""
+
+from .covariance import PatchCovariance
+from .detector import PatchGaussianDetector
+from .feature_extraction import PatchEmbeddings, TorchvisionExtractor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PatchCovariance",
+    "PatchEmbeddings",
+    "PatchGaussianDetector",
+    "TorchvisionExtractor",
+    "__version__",
+]

@@ -1,0 +1,192 @@
+"""Turn the image formats users hold into float tensors, validating as we go.
+
+Accepted inputs (see :func:`iter_image_batches`):
+
+* a numpy array ``(n, H, W, 3)``, ``(n, H, W, 1)`` or ``(n, H, W)``, of dtype
+  uint8 (0..255) or float (0..1);
+* a torch tensor ``(n, 3, H, W)`` or ``(n, 1, H, W)``, uint8 or float in [0, 1];
+* a sequence (list, tuple) or iterator of image file paths, of 2-D / 3-D numpy
+  arrays of possibly different sizes, or of PIL images.
+
+Every image comes out as a float32 tensor ``(3, H, W)`` in [0, 1]; greyscale is
+replicated to three channels because ImageNet backbones expect RGB.
+"""
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["iter_image_batches", "count_images"]
+
+
+def _is_path(obj):
+    return isinstance(obj, (str, os.PathLike))
+
+
+def _load_path(path, where):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where}: image file {str(path)!r} does not exist.")
+    try:
+        with Image.open(path) as img:
+            img.load()  # force decoding now so a truncated file fails here
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(
+            f"{where}: cannot read image file {str(path)!r} ({exc})."
+        ) from exc
+
+
+def _array_to_tensor(img, where):
+    """One image as numpy (H, W), (H, W, 1) or (H, W, 3) -> float tensor (3, H, W)."""
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(
+            f"{where}: expected an image of shape (H, W), (H, W, 1) or (H, W, 3), "
+            f"got shape {img.shape}."
+        )
+    # A copy where needed: PIL hands out read-only buffers that torch cannot wrap.
+    img = np.ascontiguousarray(img) if img.flags.writeable else np.array(img)
+    return _to_unit_float(torch.from_numpy(img), where).permute(2, 0, 1)
+
+
+def _to_unit_float(t, where):
+    """uint8 -> /255; float -> checked to lie in [0, 1]; anything else rejected."""
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32) / 255.0
+    if t.dtype == torch.bool or not (t.is_floating_point()):
+        raise TypeError(
+            f"{where}: images must be uint8 (0..255) or float (0..1), got dtype "
+            f"{str(t.dtype).replace('torch.', '')}."
+        )
+    t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{where}: image contains NaN or infinite values.")
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        raise ValueError(
+            f"{where}: float images must lie in [0, 1], got values in "
+            f"[{float(t.min()):.4g}, {float(t.max()):.4g}]; divide uint8 data by 255 "
+            "or pass it as uint8."
+        )
+    return t
+
+
+def _batch_array_to_tensors(X, start):
+    """A whole numpy batch (n, H, W[, C]) -> float tensor (n, 3, H, W)."""
+    if X.ndim == 4 and X.shape[-1] == 1:
+        X = X[..., 0]
+    if X.ndim == 3:
+        X = np.repeat(X[..., None], 3, axis=-1)
+    if X.ndim != 4 or X.shape[-1] != 3:
+        raise ValueError(
+            "X: expected a numpy array of shape (n, H, W), (n, H, W, 1) or (n, H, W, 3), "
+            f"got shape {X.shape}."
+        )
+    where = f"X[{start}:{start + len(X)}]"
+    t = torch.from_numpy(np.ascontiguousarray(X))
+    return _to_unit_float(t, where).permute(0, 3, 1, 2)
+
+
+def _batch_tensor_to_tensors(X, start):
+    if X.ndim != 4 or X.shape[1] not in (1, 3):
+        raise ValueError(
+            "X: expected a torch tensor of shape (n, 3, H, W) or (n, 1, H, W), got "
+            f"shape {tuple(X.shape)}."
+        )
+    where = f"X[{start}:{start + len(X)}]"
+    t = _to_unit_float(X.detach().cpu(), where)
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1)
+    return t
+
+
+def _item_to_tensor(item, index):
+    where = f"X[{index}]"
+    if _is_path(item):
+        return _array_to_tensor(_load_path(item, where), where)
+    if isinstance(item, torch.Tensor):
+        if item.ndim == 2:
+            item = item[None]
+        if item.ndim != 3 or item.shape[0] not in (1, 3):
+            raise ValueError(
+                f"{where}: expected a tensor of shape (3, H, W), (1, H, W) or (H, W), "
+                f"got shape {tuple(item.shape)}."
+            )
+        t = _to_unit_float(item.detach().cpu(), where)
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+        return _array_to_tensor(np.asarray(item.convert("RGB")), where)
+    if isinstance(item, np.ndarray):
+        return _array_to_tensor(item, where)
+    raise TypeError(
+        f"{where}: unsupported image of type {type(item).__name__}; expected a file "
+        "path, a numpy array, a torch tensor or a PIL image."
+    )
+
+
+def count_images(X):
+    """Number of images in X, or None for an iterator whose length is unknown."""
+    if isinstance(X, (np.ndarray, torch.Tensor)):
+        return len(X) if X.ndim else 0
+    try:
+        return len(X)
+    except TypeError:
+        return None
+
+
+def iter_image_batches(X, batch_size):
+    """Yield lists of float tensors ``(3, H, W)`` in [0, 1], ``batch_size`` at a time.
+
+    Arrays and tensors are converted a slice at a time, and paths are read a batch
+    at a time, so that memory does not grow with the number of images.
+
+    Parameters
+    ----------
+    X : array-like, tensor, sequence or iterator of images
+        See the module docstring for the accepted formats.
+    batch_size : int
+        Number of images per yielded list.
+
+    Yields
+    ------
+    batch : list of torch.Tensor
+        Float32 tensors of shape ``(3, H, W)``; sizes may differ within a batch.
+    """
+    if isinstance(X, (str, os.PathLike)):
+        raise TypeError(
+            "X: got a single path; pass a list of image paths (e.g. [path]) instead."
+        )
+    if isinstance(X, np.ndarray) and X.dtype != object:
+        if X.ndim < 3:
+            raise ValueError(
+                f"X: expected a batch of images with 3 or 4 dimensions, got shape {X.shape}."
+            )
+        for start in range(0, len(X), batch_size):
+            yield list(_batch_array_to_tensors(X[start : start + batch_size], start))
+        return
+    if isinstance(X, torch.Tensor):
+        for start in range(0, len(X), batch_size):
+            yield list(_batch_tensor_to_tensors(X[start : start + batch_size], start))
+        return
+    try:
+        iterator = iter(X)
+    except TypeError:
+        raise TypeError(
+            f"X: expected images as an array, a tensor or a list of images, got "
+            f"{type(X).__name__}."
+        ) from None
+    index = 0
+    while True:
+        chunk = list(itertools.islice(iterator, batch_size))
+        if not chunk:
+            return
+        yield [_item_to_tensor(item, index + i) for i, item in enumerate(chunk)]
+        index += len(chunk)

@@ -1,0 +1,423 @@
+"""PaDiM in scikit-learn's terms: a feature extractor and a per-position Gaussian.
+
+:class:`PatchGaussianDetector` streams the training images through a feature
+extractor, keeps a random subset of embedding channels, and fits one Gaussian per
+patch position (:class:`~skpadim.PatchCovariance`). A new image's anomaly map is
+the Mahalanobis distance of each patch, upsampled to the image and smoothed; its
+anomaly score is the map's maximum.
+"""
+
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, OutlierMixin, clone
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._images import count_images, iter_image_batches
+from .covariance import PatchCovariance
+from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, as_patch_embeddings
+
+__all__ = ["PatchGaussianDetector"]
+
+# Images whose height/width ratio lies this far outside the training images'
+# range would be distorted differently by the resize than the training images.
+_ASPECT_TOLERANCE = 0.1
+
+
+def gaussian_blur(maps, sigma):
+    """Separable Gaussian smoothing of maps ``(n, H, W)``, as scipy's gaussian_filter.
+
+    The kernel is truncated at 4 sigma and the borders are mirrored including
+    the edge pixel (scipy's default ``mode="reflect"``), so that the result equals
+    ``scipy.ndimage.gaussian_filter(map, sigma)`` used by the PaDiM paper.
+    """
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype).to(maps.device)
+    out = maps
+    for dim in (1, 2):
+        size = out.shape[dim]
+        idx = torch.arange(-radius, size + radius) % (2 * size)
+        idx = torch.where(idx >= size, 2 * size - 1 - idx, idx).to(maps.device)
+        padded = out.index_select(dim, idx)
+        # Move the axis to blur last and convolve all rows at once.
+        moved = padded.movedim(dim, -1)
+        rows = moved.reshape(-1, 1, moved.shape[-1])
+        blurred = F.conv1d(rows, kernel.view(1, 1, -1))
+        out = blurred.reshape(*moved.shape[:-1], size).movedim(-1, dim)
+    return out
+
+
+def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
+    """A map on the preprocessed image -> a map on the original image."""
+    amap = amap[None, None]
+    if crop_box is not None:
+        # The crop discarded the borders; extend the map over them by replication.
+        top, left, h, w = crop_box
+        pad = (left, resize_shape[1] - left - w, top, resize_shape[0] - top - h)
+        amap = F.pad(amap, pad, mode="replicate")
+    if tuple(amap.shape[2:]) != tuple(image_shape):
+        amap = F.interpolate(amap, size=tuple(int(s) for s in image_shape), mode="bilinear", align_corners=False)
+    return amap[0, 0]
+
+
+class PatchGaussianDetector(OutlierMixin, BaseEstimator):
+    """PaDiM anomaly detector: one Gaussian of patch embeddings per image position.
+
+    Fit it on images of normal (defect-free) parts only. For a new image, every
+    patch is compared with the Gaussian of its position by the Mahalanobis
+    distance; the distances, upsampled to the image and smoothed, form the anomaly
+    map, and the map's maximum is the image's anomaly score.
+
+    Parameters
+    ----------
+    feature_extractor : estimator or None, default=None
+        Turns images into patch embeddings (see :mod:`skpadim.feature_extraction`
+        for the interface). ``None`` uses
+        ``TorchvisionExtractor("efficientnet_lite0")``, whose ImageNet weights
+        come with pip. It is cloned at fit. When ``X`` is already a
+        :class:`~skpadim.PatchEmbeddings` (the detector as the last step of a
+        :class:`~sklearn.pipeline.Pipeline` after an extractor) it is not used.
+    n_features : int or None, default=100
+        Number of embedding channels kept, drawn at random without replacement
+        from ``random_state`` as in the paper (Rd100, Rd550). ``None`` keeps all.
+    shrinkage : "ledoit-wolf" or float, default="ledoit-wolf"
+        Covariance regularisation per position: the Ledoit-Wolf estimate, or a
+        fixed ``eps`` added to the diagonal of the sample covariance (the paper's
+        ``Sigma + 0.01 I``). See :class:`~skpadim.PatchCovariance`.
+    sigma : float, default=4.0
+        Standard deviation, in pixels of the preprocessed image, of the Gaussian
+        smoothing of the anomaly maps (4 as in the paper); 0 disables it.
+    contamination : float in [0, 0.5], default=0.01
+        Expected fraction of anomalous images, used to place the decision
+        threshold: ``offset_`` is the ``contamination`` quantile of the training
+        images' scores. Those scores are in-sample and so slightly optimistic; a
+        held-out set of normal images gives a better threshold (set ``offset_``
+        from it, or use a calibrated threshold of your own on
+        :meth:`score_samples`).
+    batch_size : int, default=32
+        Images per batch; bounds the memory of fit and scoring.
+    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+        Where the covariance and distance computations run (the extractor has
+        its own ``device``).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the channel subset. Pass an int for reproducible results.
+
+    Attributes
+    ----------
+    feature_extractor_ : estimator or None
+        The fitted clone of ``feature_extractor`` (None if fitted on embeddings).
+    channel_indices_ : ndarray of shape (n_features,)
+        Sorted indices of the embedding channels kept.
+    gaussian_ : PatchCovariance
+        The fitted per-position Gaussian over the kept channels.
+    offset_ : float
+        Threshold on :meth:`score_samples`; ``decision_function`` subtracts it.
+    n_features_in_ : int
+        Number of embedding channels before the random subset.
+    input_shape_ : tuple of int
+        ``(H, W)`` of the preprocessed images, the frame of the unresized maps.
+    aspect_range_ : tuple of float
+        Smallest and largest height/width ratio of the training images.
+    fitted_on_embeddings_ : bool
+        True when ``fit`` received patch embeddings rather than images.
+
+    See Also
+    --------
+    sklearn.covariance.EllipticEnvelope : The same idea for a single Gaussian.
+
+    Examples
+    --------
+    >>> from skpadim import PatchGaussianDetector, TorchvisionExtractor
+    >>> from skpadim.datasets import make_textures
+    >>> data = make_textures("brick", n_train=12, n_test=4, image_size=64, random_state=0)
+    >>> det = PatchGaussianDetector(
+    ...     TorchvisionExtractor(image_size=64), n_features=20, random_state=0)
+    >>> det = det.fit(data.X_train)
+    >>> det.score_samples(data.X_test).shape, det.anomaly_maps(data.X_test).shape
+    ((4,), (4, 64, 64))
+    >>> sorted(set(det.predict(data.X_test).tolist()) - {-1, 1})
+    []
+    """
+
+    _parameter_constraints = {
+        "feature_extractor": [HasMethods(["fit", "transform"]), None],
+        "n_features": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "shrinkage": [StrOptions({"ledoit-wolf"}), Interval(numbers.Real, 0, None, closed="left")],
+        "sigma": [Interval(numbers.Real, 0, None, closed="left")],
+        "contamination": [Interval(numbers.Real, 0, 0.5, closed="both")],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        *,
+        n_features=100,
+        shrinkage="ledoit-wolf",
+        sigma=4.0,
+        contamination=0.01,
+        batch_size=32,
+        device="auto",
+        random_state=None,
+    ):
+        self.feature_extractor = feature_extractor
+        self.n_features = n_features
+        self.shrinkage = shrinkage
+        self.sigma = sigma
+        self.contamination = contamination
+        self.batch_size = batch_size
+        self.device = device
+        self.random_state = random_state
+
+    # -- batches of embeddings -------------------------------------------------
+    def _embedding_batches(self, X, extractor):
+        """Yield PatchEmbeddings batch by batch, from images or from embeddings."""
+        if isinstance(X, PatchEmbeddings) or (
+            extractor is None and isinstance(X, np.ndarray) and X.ndim == 4
+        ):
+            X = as_patch_embeddings(X)
+            for start in range(0, len(X), self.batch_size):
+                yield X.rows(start, start + self.batch_size)
+            return
+        if extractor is None:
+            raise ValueError(
+                "This detector was fitted on patch embeddings (e.g. as the last step of a "
+                "Pipeline), so it can only score PatchEmbeddings, not images."
+            )
+        for batch in iter_image_batches(X, self.batch_size):
+            yield extractor.transform(batch)
+
+    def _check_aspect(self, emb, start):
+        low, high = self.aspect_range_
+        ratios = emb.image_shapes[:, 0] / emb.image_shapes[:, 1]
+        bad = np.flatnonzero(
+            (ratios < low * (1 - _ASPECT_TOLERANCE)) | (ratios > high * (1 + _ASPECT_TOLERANCE))
+        )
+        if len(bad):
+            i = bad[0]
+            h, w = emb.image_shapes[i]
+            raise ValueError(
+                f"X[{start + i}] has shape ({h}, {w}), height/width {h / w:.3g}, outside the "
+                f"range {low:.3g}..{high:.3g} of the training images: resizing would distort "
+                "it differently and its scores would not be comparable. Crop or pad it to "
+                "the training images' proportions."
+            )
+
+    def _select(self, emb):
+        if emb.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X: embeddings have {emb.shape[1]} channels but the detector was fitted "
+                f"on {self.n_features_in_}."
+            )
+        return np.asarray(emb)[:, self.channel_indices_]
+
+    # -- fit -------------------------------------------------------------------
+    def fit(self, X, y=None):
+        """Fit the per-position Gaussians on images of normal parts.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list of paths/arrays, or PatchEmbeddings
+            Training images of normal parts: ``(n, H, W, 3)`` or ``(n, H, W)``
+            uint8 or float in [0, 1], a tensor ``(n, 3, H, W)``, or a list of
+            image paths or arrays (sizes may differ); or their embeddings. ``X``
+            is read twice (statistics, then the threshold), so it must be a
+            sequence, not a one-shot iterator.
+        y : None
+            Ignored; all training images are taken as normal. Inside
+            cross-validation use :class:`skpadim.model_selection.NormalOnlyKFold`
+            so that training folds hold normal images only.
+
+        Returns
+        -------
+        self : PatchGaussianDetector
+            The fitted detector.
+        """
+        self._validate_params()
+        n_images = count_images(X)
+        if n_images is None:
+            raise TypeError(
+                "fit reads the training images twice (statistics, then the decision "
+                "threshold); pass a list, array or tensor rather than a one-shot iterator."
+            )
+        if n_images < 2:
+            raise ValueError(
+                f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
+            )
+        on_embeddings = isinstance(X, PatchEmbeddings)
+        if on_embeddings:
+            extractor = None
+        else:
+            extractor = clone(
+                self.feature_extractor if self.feature_extractor is not None else TorchvisionExtractor()
+            ).fit()
+        gaussian = PatchCovariance(
+            shrinkage=self.shrinkage, device=self.device, dtype="float32", store_covariance=False
+        )
+        gaussian._validate_params()
+        moments, channels, aspects = None, None, []
+        for emb in self._embedding_batches(X, extractor):
+            if channels is None:
+                channels = self._draw_channels(emb.shape[1])
+                n_channels, input_shape = emb.shape[1], emb.input_shape
+            elif emb.shape[1] != n_channels:
+                raise ValueError(
+                    f"The feature extractor returned {emb.shape[1]} channels for one batch "
+                    f"and {n_channels} for another."
+                )
+            aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
+            selected = torch.from_numpy(np.ascontiguousarray(np.asarray(emb)[:, channels]))
+            selected = gaussian._check_embeddings(selected, reset=True)
+            moments = gaussian._accumulate(moments, selected)
+        gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]))
+        del moments
+
+        # The new state is assembled on a copy and only then written onto self,
+        # so that a fit failing part way leaves a previously fitted detector intact.
+        aspects = np.concatenate(aspects)
+        fitted = clone(self)
+        fitted.feature_extractor_ = extractor
+        fitted.fitted_on_embeddings_ = on_embeddings
+        fitted.channel_indices_ = channels
+        fitted.gaussian_ = gaussian
+        fitted.n_features_in_ = int(n_channels)
+        fitted.input_shape_ = tuple(int(s) for s in input_shape)
+        fitted.aspect_range_ = (float(aspects.min()), float(aspects.max()))
+        fitted.offset_ = 0.0  # provisional: the threshold pass scores with it
+        train_scores = fitted.score_samples(X)
+        fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        self.__dict__.update(
+            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
+        )
+        return self
+
+    def _draw_channels(self, n_channels):
+        if self.n_features is None:
+            return np.arange(n_channels)
+        if self.n_features > n_channels:
+            raise ValueError(
+                f"n_features={self.n_features} is larger than the {n_channels} channels the "
+                "feature extractor produces; use n_features <= "
+                f"{n_channels} or None to keep all."
+            )
+        rng = check_random_state(self.random_state)
+        return np.sort(rng.choice(n_channels, self.n_features, replace=False))
+
+    # -- maps and scores -----------------------------------------------------
+    def _iter_maps(self, X):
+        """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings)."""
+        check_is_fitted(self, "offset_")
+        extractor = None if self.fitted_on_embeddings_ else self.feature_extractor_
+        start = 0
+        for emb in self._embedding_batches(X, extractor):
+            if not self.fitted_on_embeddings_:
+                self._check_aspect(emb, start)
+            dist = self.gaussian_._mahalanobis_tensor(self._select(emb))
+            maps = F.interpolate(
+                dist[:, None], size=tuple(emb.input_shape), mode="bilinear", align_corners=False
+            )[:, 0]
+            yield gaussian_blur(maps, float(self.sigma)), emb
+            start += len(emb)
+        if start == 0:
+            raise ValueError("X: got 0 images; at least one is required.")
+
+    def anomaly_maps(self, X):
+        """Pixel-level anomaly maps at each input image's resolution.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
+            Images in any format accepted by :meth:`fit`; a generator is fine.
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W) or list of ndarray
+            Smoothed Mahalanobis distances, higher = more anomalous. An array
+            when all images have the same size, else a list of 2-D arrays.
+        """
+        out = []
+        for maps, emb in self._iter_maps(X):
+            for amap, shape in zip(maps, emb.image_shapes):
+                out.append(
+                    _to_image_resolution(amap, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
+                )
+        shapes = {m.shape for m in out}
+        return np.stack(out) if len(shapes) == 1 else out
+
+    def score_samples(self, X):
+        """Opposite of the anomaly score: higher means more normal.
+
+        The anomaly score of an image is the maximum of its anomaly map (on the
+        preprocessed frame, so it does not depend on the input resolution).
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
+            Images in any format accepted by :meth:`fit`.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+        """
+        scores = [-maps.flatten(1).amax(dim=1).cpu().numpy() for maps, _ in self._iter_maps(X)]
+        return np.concatenate(scores).astype(np.float64)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for anomalies.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
+            Images in any format accepted by :meth:`fit`.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_images,)
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label images: +1 normal, -1 anomalous.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
+            Images in any format accepted by :meth:`fit`.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def fit_predict(self, X, y=None):
+        """Fit on X, then label X (+1 normal, -1 anomalous).
+
+        Parameters
+        ----------
+        X : array-like, tensor or list of images, or PatchEmbeddings
+            Training images.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+        """
+        return self.fit(X).predict(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = False
+        return tags

@@ -1,0 +1,186 @@
+"""PatchCovariance against scikit-learn's covariance estimators and plain NumPy."""
+
+import doctest
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.covariance import EmpiricalCovariance, LedoitWolf, ledoit_wolf_shrinkage
+from sklearn.exceptions import NotFittedError
+
+import skpadim.covariance
+from skpadim import PatchCovariance
+from skpadim.covariance import ledoit_wolf_shrinkage_from_moments
+
+
+def _embeddings(n=40, c=6, h=2, w=3, mean=0.0, seed=0, dtype=np.float64):
+    rng = np.random.RandomState(seed)
+    # Correlated channels with unequal scales, so that shrinkage is far from 0 and 1.
+    mixing = rng.randn(c, c) * rng.rand(c)
+    z = rng.randn(n, h * w, c) @ mixing
+    X = z.transpose(0, 2, 1).reshape(n, c, h, w) + mean
+    return X.astype(dtype)
+
+
+def _per_position(X):
+    """(n, C, h, w) -> list over positions of (n, C) float64 samples."""
+    n, c, h, w = X.shape
+    return list(X.reshape(n, c, h * w).transpose(2, 0, 1).astype(np.float64))
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e3])
+@pytest.mark.parametrize("input_dtype", [np.float64, np.float32])
+def test_ledoit_wolf_equals_sklearn_per_position(mean, input_dtype):
+    X = _embeddings(mean=mean, dtype=input_dtype)
+    est = PatchCovariance(shrinkage="ledoit-wolf", dtype="float64").fit(X)
+    for p, samples in enumerate(_per_position(X)):
+        ref = LedoitWolf().fit(samples)
+        np.testing.assert_allclose(est.location_[p], ref.location_, rtol=1e-5)
+        np.testing.assert_allclose(est.covariance_[p], ref.covariance_, rtol=1e-5)
+        np.testing.assert_allclose(est.shrinkage_[p], ref.shrinkage_, rtol=1e-5)
+        assert 0.01 < ref.shrinkage_ < 0.99  # the comparison is not trivial
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 40])
+def test_partial_fit_in_small_batches_equals_one_fit(batch):
+    # float32 values around 1e3: a naive sum-of-squares accumulation would lose
+    # most digits of the variance here.
+    X = _embeddings(n=41, mean=1e3, dtype=np.float32, seed=1)
+    streamed = PatchCovariance(dtype="float64")
+    for start in range(0, len(X), batch):
+        streamed.partial_fit(X[start : start + batch])
+    assert streamed.n_samples_seen_ == len(X)
+    for p, samples in enumerate(_per_position(X)):
+        ref = LedoitWolf().fit(samples)
+        np.testing.assert_allclose(streamed.location_[p], ref.location_, rtol=1e-6)
+        np.testing.assert_allclose(streamed.covariance_[p], ref.covariance_, rtol=1e-5)
+        np.testing.assert_allclose(streamed.shrinkage_[p], ref.shrinkage_, rtol=1e-5)
+
+
+def test_fixed_shrinkage_is_sample_covariance_plus_ridge():
+    X = _embeddings(n=25, mean=5.0)
+    eps = 0.01
+    est = PatchCovariance(shrinkage=eps, dtype="float64").fit(X)
+    for p, samples in enumerate(_per_position(X)):
+        expected = np.cov(samples, rowvar=False) + eps * np.eye(samples.shape[1])
+        np.testing.assert_allclose(est.covariance_[p], expected, rtol=1e-10)
+        np.testing.assert_allclose(est.cholesky_[p] @ est.cholesky_[p].T, expected, rtol=1e-10)
+    assert np.isnan(est.shrinkage_).all()
+
+
+def test_zero_shrinkage_matches_empirical_covariance_up_to_bessel():
+    X = _embeddings(n=30)
+    est = PatchCovariance(shrinkage=0.0, dtype="float64").fit(X)
+    for p, samples in enumerate(_per_position(X)):
+        emp = EmpiricalCovariance().fit(samples).covariance_
+        np.testing.assert_allclose(est.covariance_[p], emp * 30 / 29, rtol=1e-10)
+
+
+def test_shrinkage_from_moments_matches_sklearn_function():
+    rng = np.random.RandomState(3)
+    for n, c in [(5, 10), (50, 4), (2, 3)]:
+        x = rng.randn(n, c) * rng.rand(c)
+        y = torch.from_numpy(x - x.mean(0))
+        m2 = (y.T @ y)[None]
+        q = ((y**2).sum(1) ** 2).sum()[None]
+        ours = float(ledoit_wolf_shrinkage_from_moments(n, m2, q)[0])
+        assert ours == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-9)
+
+
+def test_mahalanobis_equals_numpy_reference():
+    X = _embeddings(n=30, seed=4)
+    X_new = _embeddings(n=5, seed=5) * 1.5
+    est = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
+    dist = est.mahalanobis(X_new)
+    assert dist.shape == (5, 2, 3)
+    for p, samples in enumerate(_per_position(X)):
+        cov = np.cov(samples, rowvar=False) + 0.05 * np.eye(samples.shape[1])
+        inv = np.linalg.inv(cov)
+        diff = _per_position(X_new)[p] - samples.mean(0)
+        expected = np.sqrt(np.einsum("ni,ij,nj->n", diff, inv, diff))
+        np.testing.assert_allclose(dist.reshape(5, -1)[:, p], expected, rtol=1e-8)
+    np.testing.assert_allclose(est.score_samples(X_new), -(dist**2))
+
+
+def test_float32_storage_is_close_to_float64():
+    X = _embeddings(n=30, mean=100.0, dtype=np.float32)
+    e32 = PatchCovariance().fit(X)
+    e64 = PatchCovariance(dtype="float64").fit(X)
+    assert e32.cholesky_.dtype == np.float32
+    np.testing.assert_allclose(e32.covariance_, e64.covariance_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(e32.mahalanobis(X[:4]), e64.mahalanobis(X[:4]), rtol=1e-4)
+
+
+def test_constant_channels_do_not_break_the_fit():
+    # Flat image regions give zero-variance channels; the factorisation must cope.
+    X = _embeddings(n=20)
+    X[:, 2] = 7.0
+    for shrinkage in ("ledoit-wolf", 0.0):
+        est = PatchCovariance(shrinkage=shrinkage).fit(X)
+        assert np.isfinite(est.cholesky_).all()
+        assert np.isfinite(est.mahalanobis(X[:3])).all()
+
+
+def test_all_constant_position_with_ledoit_wolf():
+    X = np.zeros((10, 3, 1, 2))
+    X[:, :, 0, 1] = np.random.RandomState(0).randn(10, 3)
+    est = PatchCovariance().fit(X)
+    assert np.isfinite(est.mahalanobis(X + 0.1)).all()
+
+
+def test_validation_errors():
+    est = PatchCovariance()
+    with pytest.raises(ValueError, match="shape \\(n_images, n_channels, height, width\\)"):
+        est.fit(np.zeros((10, 3, 4)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        X = _embeddings()
+        X[3, 1, 0, 0] = np.nan
+        est.fit(X)
+    with pytest.raises(ValueError, match="0 images"):
+        est.fit(np.zeros((0, 3, 2, 2)))
+    with pytest.raises(ValueError, match="shrinkage"):
+        PatchCovariance(shrinkage=-1.0).fit(_embeddings())
+    with pytest.raises(ValueError, match="shrinkage"):
+        PatchCovariance(shrinkage="oas").fit(_embeddings())
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        PatchCovariance(shrinkage=0.01).fit(_embeddings(n=1))
+    with pytest.warns(UserWarning, match="singular"):
+        PatchCovariance(shrinkage=1e-6).fit(_embeddings(n=4))
+    with pytest.raises(NotFittedError):
+        PatchCovariance().mahalanobis(_embeddings())
+    fitted = PatchCovariance().fit(_embeddings())
+    with pytest.raises(ValueError, match="fitted on \\(n, 6, 2, 3\\)"):
+        fitted.mahalanobis(_embeddings(c=5))
+    with pytest.raises(ValueError, match="fitted on \\(n, 6, 2, 3\\)"):
+        fitted.partial_fit(_embeddings(h=3))
+
+
+def test_single_image_with_ledoit_wolf_is_defined():
+    est = PatchCovariance().fit(_embeddings(n=1))
+    assert np.isfinite(est.mahalanobis(_embeddings(n=2, seed=9))).all()
+
+
+def test_clone_pickle_and_store_covariance():
+    X = _embeddings()
+    est = PatchCovariance(shrinkage=0.01, store_covariance=False).fit(X)
+    assert not hasattr(est, "covariance_")
+    assert clone(est).get_params() == est.get_params()
+    loaded = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(loaded.mahalanobis(X), est.mahalanobis(X))
+    streamed = PatchCovariance().partial_fit(X[:10])
+    resumed = pickle.loads(pickle.dumps(streamed)).partial_fit(X[10:])
+    np.testing.assert_allclose(resumed.covariance_, PatchCovariance().fit(X).covariance_, rtol=1e-5)
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present, so asking for one is not an error")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        PatchCovariance(device="cuda").fit(_embeddings())
+
+
+def test_doctests():
+    result = doctest.testmod(skpadim.covariance)
+    assert result.attempted > 0 and result.failed == 0

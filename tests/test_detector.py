@@ -1,0 +1,256 @@
+"""PatchGaussianDetector: against a plain reference of the paper, and scikit-learn's API."""
+
+import doctest
+
+import joblib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyNet, textured_images
+from scipy.ndimage import gaussian_filter
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+import skpadim.detector
+from skpadim import PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
+from skpadim.detector import gaussian_blur
+
+
+def padim_reference(train, test, backbone, layers, n_features, seed, eps=0.01, sigma=4):
+    """PaDiM written plainly: loops over positions, an explicit inverse, scipy's blur."""
+    mean = np.array([0.485, 0.456, 0.406])[None, :, None, None]
+    std = np.array([0.229, 0.224, 0.225])[None, :, None, None]
+
+    def embed(images):
+        x = torch.tensor((images.transpose(0, 3, 1, 2) / 255.0 - mean) / std, dtype=torch.float32)
+        feats = {}
+        hooks = [
+            getattr(backbone, name).register_forward_hook(
+                lambda m, i, o, name=name: feats.__setitem__(name, o)
+            )
+            for name in layers
+        ]
+        with torch.no_grad():
+            backbone.eval()(x)
+        for h in hooks:
+            h.remove()
+        first = feats[layers[0]]
+        parts = [F.interpolate(feats[n], size=first.shape[2:], mode="nearest") for n in layers]
+        return torch.cat(parts, 1).numpy().astype(np.float64)
+
+    e_train, e_test = embed(train), embed(test)
+    c = e_train.shape[1]
+    idx = np.sort(np.random.RandomState(seed).choice(c, n_features, replace=False))
+    e_train, e_test = e_train[:, idx], e_test[:, idx]
+    n, _, h, w = e_train.shape
+    dist = np.zeros((len(test), h, w))
+    for i in range(h):
+        for j in range(w):
+            samples = e_train[:, :, i, j]
+            cov = np.cov(samples, rowvar=False) + eps * np.eye(n_features)
+            inv = np.linalg.inv(cov)
+            for k in range(len(test)):
+                d = e_test[k, :, i, j] - samples.mean(0)
+                dist[k, i, j] = np.sqrt(d @ inv @ d)
+    up = F.interpolate(
+        torch.tensor(dist)[:, None], size=test.shape[1:3], mode="bilinear", align_corners=False
+    )[:, 0].numpy()
+    maps = np.stack([gaussian_filter(m, sigma=sigma) for m in up])
+    return maps, maps.reshape(len(maps), -1).max(1)
+
+
+def test_scores_and_maps_equal_plain_padim_reference(normal_images, test_images):
+    backbone = TinyNet(seed=3)
+    det = PatchGaussianDetector(
+        TorchvisionExtractor(backbone, layers=("block1", "block2"), weights=None, image_size=32),
+        n_features=10, shrinkage=0.01, random_state=7, device="cpu",
+    ).fit(normal_images)
+    ref_maps, ref_scores = padim_reference(
+        normal_images, test_images, backbone, ("block1", "block2"), 10, seed=7
+    )
+    np.testing.assert_allclose(det.anomaly_maps(test_images), ref_maps, rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(-det.score_samples(test_images), ref_scores, rtol=2e-4)
+    # The reference is not degenerate: defective images score higher.
+    assert ref_scores[4:].min() > ref_scores[:4].max()
+
+
+def test_gaussian_blur_equals_scipy():
+    maps = np.random.RandomState(0).rand(3, 37, 50).astype(np.float32)
+    for sigma in (0.7, 4.0, 20.0):  # 20: kernel wider than the map, mirrored again
+        ours = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+        ref = np.stack([gaussian_filter(m.astype(np.float64), sigma) for m in maps])
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gaussian_blur(torch.from_numpy(maps), 0).numpy(), maps)
+
+
+def test_sklearn_conventions(tiny_extractor, normal_images, test_images):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0)
+    with pytest.raises(NotFittedError):
+        det.score_samples(test_images)
+    with pytest.raises(NotFittedError):
+        det.anomaly_maps(test_images)
+
+    params = det.get_params()
+    assert params["feature_extractor__layers"] == ("block1", "block2")
+    assert params["feature_extractor__image_size"] == 32
+    det.set_params(feature_extractor__image_size=48, n_features=6)
+    assert det.feature_extractor.image_size == 48 and det.n_features == 6
+    det.set_params(feature_extractor__image_size=32, n_features=8)
+
+    twin = clone(det)
+    assert twin.get_params()["n_features"] == 8
+    assert twin.feature_extractor is not det.feature_extractor
+
+    det.fit(normal_images)
+    assert det.feature_extractor_ is not det.feature_extractor  # the parameter is untouched
+    assert not hasattr(det.feature_extractor, "model_")
+    assert det.channel_indices_.shape == (8,)
+    assert det.n_features_in_ == 20
+
+    scores = det.score_samples(test_images)
+    decision = det.decision_function(test_images)
+    np.testing.assert_allclose(decision, scores - det.offset_)
+    labels = det.predict(test_images)
+    assert set(labels.tolist()) <= {-1, 1}
+    np.testing.assert_array_equal(labels, np.where(decision >= 0, 1, -1))
+    # The bright defect is anomalous: lower score, negative decision.
+    assert scores[4:].max() < scores[:4].min()
+    assert (labels[4:] == -1).all()
+
+    # offset_ is the contamination quantile of the training scores.
+    train_scores = det.score_samples(normal_images)
+    assert np.mean(train_scores < det.offset_) <= det.contamination + 1 / len(normal_images)
+    np.testing.assert_array_equal(det.fit_predict(normal_images), det.predict(normal_images))
+
+
+def test_channel_subset_is_reproducible(tiny_extractor, normal_images):
+    a = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=1).fit(normal_images)
+    b = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=1).fit(normal_images)
+    c = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=2).fit(normal_images)
+    np.testing.assert_array_equal(a.channel_indices_, b.channel_indices_)
+    assert not np.array_equal(a.channel_indices_, c.channel_indices_)
+    np.testing.assert_array_equal(a.score_samples(normal_images), b.score_samples(normal_images))
+    full = PatchGaussianDetector(tiny_extractor, n_features=None).fit(normal_images)
+    np.testing.assert_array_equal(full.channel_indices_, np.arange(20))
+
+
+def test_batch_size_does_not_change_results(tiny_extractor, normal_images, test_images):
+    a = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, batch_size=5)
+    b = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, batch_size=64)
+    np.testing.assert_allclose(
+        a.fit(normal_images).score_samples(test_images),
+        b.fit(normal_images).score_samples(test_images),
+        rtol=1e-5,
+    )
+
+
+def test_input_formats_give_the_same_scores(tiny_extractor, normal_images, test_images, tmp_path):
+    from PIL import Image
+
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    expected = det.score_samples(test_images)
+    as_float = test_images.astype(np.float32) / 255
+    as_tensor = torch.from_numpy(test_images).permute(0, 3, 1, 2).contiguous()
+    paths = []
+    for i, img in enumerate(test_images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    grey = test_images[..., 0]
+    for X in (as_float, as_tensor, paths, [str(p) for p in paths], list(test_images), grey):
+        np.testing.assert_allclose(det.score_samples(X), expected, rtol=1e-5)
+    # Generators stream at scoring time.
+    np.testing.assert_allclose(det.score_samples(iter(paths)), expected, rtol=1e-5)
+
+
+def test_maps_come_back_at_each_input_resolution(tiny_extractor, normal_images):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    big = textured_images(3, size=64, seed=4)
+    maps = det.anomaly_maps(big)
+    assert maps.shape == (3, 64, 64)
+    mixed = [big[0], textured_images(1, size=48, seed=5)[0]]
+    maps = det.anomaly_maps(mixed)
+    assert isinstance(maps, list) and [m.shape for m in maps] == [(64, 64), (48, 48)]
+    # The score does not depend on the input resolution of the same content.
+    np.testing.assert_allclose(det.score_samples(big[:1]), det.score_samples(mixed[:1]))
+
+
+def test_crop_maps_cover_the_whole_image(normal_images):
+    ext = TorchvisionExtractor(TinyNet(), layers=("block1", "block2"), weights=None,
+                               image_size=40, crop_size=32)
+    det = PatchGaussianDetector(ext, n_features=8, random_state=0).fit(normal_images)
+    maps = det.anomaly_maps(normal_images[:2])
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
+
+
+def test_pipeline_composition_on_embeddings(tiny_extractor, normal_images, test_images):
+    from sklearn.pipeline import make_pipeline
+
+    nested = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    pipe = make_pipeline(clone(tiny_extractor), PatchGaussianDetector(n_features=8, random_state=0))
+    pipe.fit(normal_images)
+    np.testing.assert_allclose(pipe.score_samples(test_images), nested.score_samples(test_images), rtol=1e-5)
+    np.testing.assert_array_equal(pipe.predict(test_images), nested.predict(test_images))
+    emb = pipe[:-1].transform(test_images)
+    assert isinstance(emb, PatchEmbeddings)
+    np.testing.assert_allclose(pipe[-1].anomaly_maps(emb), nested.anomaly_maps(test_images), rtol=1e-5)
+    with pytest.raises(ValueError, match="fitted on patch embeddings"):
+        pipe[-1].score_samples(test_images[..., 0].astype(np.float32) / 255)
+
+
+def test_joblib_round_trip_is_bit_identical(tiny_extractor, normal_images, test_images, tmp_path):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    joblib.dump(det, tmp_path / "det.joblib")
+    loaded = joblib.load(tmp_path / "det.joblib")
+    np.testing.assert_array_equal(loaded.score_samples(test_images), det.score_samples(test_images))
+    np.testing.assert_array_equal(loaded.anomaly_maps(test_images), det.anomaly_maps(test_images))
+    assert loaded.offset_ == det.offset_
+
+
+def test_shape_and_input_errors(tiny_extractor, normal_images):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0)
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        det.fit(normal_images[:1])
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        det.fit(iter(list(normal_images)))
+    with pytest.raises(ValueError, match="n_features=30 is larger than the 20 channels"):
+        PatchGaussianDetector(tiny_extractor, n_features=30).fit(normal_images)
+    with pytest.raises(ValueError, match="n_features"):
+        PatchGaussianDetector(tiny_extractor, n_features=0).fit(normal_images)
+    det.fit(normal_images)
+    with pytest.raises(ValueError, match=r"X\[1\] has shape \(32, 96\)"):
+        det.score_samples([normal_images[0], textured_images(1, size=96, seed=0)[0][:32]])
+    with pytest.raises(ValueError, match="NaN"):
+        bad = normal_images[:2].astype(np.float32) / 255
+        bad[1, 0, 0, 0] = np.nan
+        det.score_samples(bad)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        det.score_samples(normal_images[:2].astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(n, H, W, 3\)"):
+        det.score_samples(np.zeros((2, 32, 32, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="0 images"):
+        det.score_samples(np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        det.score_samples(["/nonexistent/image.png"])
+    with pytest.raises(ValueError, match="embeddings have 5 channels"):
+        det.score_samples(PatchEmbeddings(np.zeros((2, 5, 16, 16), dtype=np.float32)))
+
+
+def test_failed_refit_keeps_the_fitted_state(tiny_extractor, normal_images, test_images, tmp_path):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    before = det.score_samples(test_images)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths = []
+    from PIL import Image
+
+    for i, img in enumerate(normal_images[:5]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    with pytest.raises(ValueError, match="broken.png"):
+        det.fit(paths[:3] + [tmp_path / "broken.png"] + paths[3:])
+    np.testing.assert_array_equal(det.score_samples(test_images), before)
+
+
+def test_doctests():
+    result = doctest.testmod(skpadim.detector)
+    assert result.attempted > 0 and result.failed == 0
