@@ -3,6 +3,7 @@
 from .covariance import PatchCovariance
 from .detector import PatchGaussianDetector
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor
+from .persistence import load, save
 
 __version__ = "0.1.0"
 
@@ -12,4 +13,6 @@ __all__ = [
     "PatchGaussianDetector",
     "TorchvisionExtractor",
     "__version__",
+    "load",
+    "save",
 ]

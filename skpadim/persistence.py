@@ -1,0 +1,290 @@
+"""Saving and loading fitted detectors without pickle.
+
+``joblib.dump`` / ``pickle`` work on every estimator here, but loading a pickle can
+run arbitrary code: never load a pickle from a source you do not trust.
+:func:`save` writes a fitted :class:`~skpadim.PatchGaussianDetector` as a single
+``.npz`` archive holding only numeric arrays and a JSON description, and
+:func:`load` reads it back with ``allow_pickle=False``, so a model file cannot
+execute anything. The file carries a format version and a SHA-256 digest of every
+array, checked on load together with the shapes, so a truncated or altered file
+fails with a clear error instead of scoring wrongly.
+
+Only backbones that can be rebuilt from their name (torchvision models and
+EfficientNet-Lite) are saved this way; a detector around a custom
+``torch.nn.Module`` needs its code, so use joblib for it, with trusted files only.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import clone
+
+from .covariance import PatchCovariance
+from .detector import PatchGaussianDetector
+from .feature_extraction import TorchvisionExtractor
+
+__all__ = ["save", "load", "FORMAT_VERSION"]
+
+#: Version of the file layout written by :func:`save`; :func:`load` refuses newer ones.
+FORMAT_VERSION = 1
+_MAGIC = "skpadim-detector"
+
+_DETECTOR_PARAMS = ("n_features", "shrinkage", "sigma", "contamination", "batch_size", "device",
+                    "random_state")
+_EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
+                     "batch_size", "device")
+
+
+class ModelFileError(ValueError):
+    """A model file is unreadable, altered, truncated, or of an unknown format."""
+
+
+def _jsonable(value, name):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v, name) for v in value]
+    if isinstance(value, (torch.device, os.PathLike)):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str, list)):
+        return value
+    raise TypeError(
+        f"Cannot save parameter {name}={value!r} without pickle; use joblib (trusted files only)."
+    )
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save(model, path):
+    """Write a fitted detector to ``path`` (a ``.npz`` file) without pickle.
+
+    The file is written to a temporary name beside ``path`` and renamed into
+    place, so an interrupted save never leaves a half-written model where the
+    previous one was.
+
+    Parameters
+    ----------
+    model : PatchGaussianDetector
+        A fitted detector whose feature extractor is a
+        :class:`~skpadim.TorchvisionExtractor` built from a backbone name, or
+        which was fitted on embeddings.
+    path : str or path-like
+        Destination file.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The file written.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from skpadim import PatchEmbeddings, PatchGaussianDetector, save, load
+    >>> emb = PatchEmbeddings(np.random.RandomState(0).rand(20, 6, 4, 4).astype("float32"))
+    >>> det = PatchGaussianDetector(n_features=4, random_state=0).fit(emb)
+    >>> path = save(det, os.path.join(tempfile.mkdtemp(), "det.npz"))
+    >>> bool(np.array_equal(load(path).score_samples(emb), det.score_samples(emb)))
+    True
+    """
+    if not isinstance(model, PatchGaussianDetector):
+        raise TypeError(f"save expects a PatchGaussianDetector, got {type(model).__name__}.")
+    if not hasattr(model, "offset_"):
+        raise ValueError("save expects a fitted detector; call fit first.")
+    arrays = {
+        "channel_indices": np.asarray(model.channel_indices_, dtype=np.int64),
+        "location": model.gaussian_.location_,
+        "cholesky": model.gaussian_.cholesky_,
+        "shrinkage": model.gaussian_.shrinkage_,
+    }
+    config = {
+        "format": _MAGIC,
+        "format_version": FORMAT_VERSION,
+        "detector": {k: _jsonable(getattr(model, k), k) for k in _DETECTOR_PARAMS},
+        "fitted": {
+            "offset": float(model.offset_),
+            "n_features_in": int(model.n_features_in_),
+            "input_shape": list(model.input_shape_),
+            "aspect_range": list(model.aspect_range_),
+            "fitted_on_embeddings": bool(model.fitted_on_embeddings_),
+            "grid_shape": list(model.gaussian_.grid_shape_),
+            "n_samples_seen": int(model.gaussian_.n_samples_seen_),
+            "gaussian_dtype": model.gaussian_.dtype,
+        },
+        "extractor": None,
+    }
+    extractor = model.feature_extractor_
+    if extractor is not None:
+        if not isinstance(extractor, TorchvisionExtractor) or not isinstance(extractor.backbone, str):
+            raise TypeError(
+                "save can only rebuild TorchvisionExtractor backbones given by name; a custom "
+                "torch.nn.Module needs its code. Use joblib.dump for this model and load it "
+                "only from trusted files."
+            )
+        config["extractor"] = {
+            "params": {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS},
+            "layers": list(extractor.layers_),
+        }
+        for key, tensor in extractor.model_.state_dict().items():
+            arrays[f"backbone/{key}"] = tensor.detach().cpu().numpy()
+    config["sha256"] = _digest(arrays)
+    arrays["config"] = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _read(path):
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ModelFileError(f"{str(path)!r} is not a readable skpadim model file ({exc}).") from exc
+    if "config" not in arrays:
+        raise ModelFileError(f"{str(path)!r} is not a skpadim model file (no config).")
+    try:
+        config = json.loads(arrays.pop("config").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{str(path)!r}: the model description is corrupt ({exc}).") from exc
+    return config, arrays
+
+
+def _check(config, arrays, path):
+    if not isinstance(config, dict) or config.get("format") != _MAGIC:
+        raise ModelFileError(f"{str(path)!r} is not a skpadim detector file.")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{str(path)!r} has no valid format version.")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{str(path)!r} was written in format version {version}, newer than the "
+            f"{FORMAT_VERSION} this skpadim reads; upgrade skpadim to load it."
+        )
+    if config.get("sha256") != _digest(arrays):
+        raise ModelFileError(
+            f"{str(path)!r}: the arrays do not match the digest recorded when the file was "
+            "written; the file was altered or damaged."
+        )
+    fitted = config["fitted"]
+    h, w = fitted["grid_shape"]
+    c = len(arrays["channel_indices"])
+    expected = {"location": (h * w, c), "cholesky": (h * w, c, c), "shrinkage": (h * w,)}
+    for key, shape in expected.items():
+        if arrays[key].shape != shape:
+            raise ModelFileError(
+                f"{str(path)!r}: {key} has shape {arrays[key].shape}, expected {shape}."
+            )
+    for key in ("location", "cholesky"):
+        if arrays[key].dtype not in (np.float32, np.float64):
+            raise ModelFileError(f"{str(path)!r}: {key} has dtype {arrays[key].dtype}.")
+    idx = arrays["channel_indices"]
+    if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
+        raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+
+
+def _rebuild_extractor(description, arrays, path):
+    params = dict(description["params"])
+    for key in ("layers", "image_size", "crop_size", "mean", "std"):
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
+    # Build the architecture alone (no weights are looked for), read the same
+    # layers as at save time, then put the stored weights in.
+    weights = params.pop("weights")
+    extractor = TorchvisionExtractor(
+        weights=None, **{**params, "layers": tuple(description["layers"])}
+    ).fit()
+    state = {
+        k[len("backbone/"):]: torch.from_numpy(v)
+        for k, v in arrays.items()
+        if k.startswith("backbone/")
+    }
+    try:
+        extractor.model_.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{str(path)!r}: backbone weights do not fit ({exc}).") from exc
+    # The parameters go back to what the user set, so that a refit behaves as before.
+    return extractor.set_params(weights=weights, layers=params["layers"])
+
+
+def load(path):
+    """Read a detector written by :func:`save`, without unpickling anything.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :func:`save`.
+
+    Returns
+    -------
+    model : PatchGaussianDetector
+        The fitted detector, scoring exactly as the one saved; its backbone is
+        rebuilt from the architecture's code and the stored weights, on the CPU,
+        with no network access.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is not a skpadim model, was written by a newer format
+        version, or is truncated or altered.
+
+    Examples
+    --------
+    See :func:`save`.
+    """
+    config, arrays = _read(path)
+    _check(config, arrays, path)
+    fitted = config["fitted"]
+    params = dict(config["detector"])
+    det = PatchGaussianDetector(**params)
+    if config["extractor"] is not None:
+        det.feature_extractor_ = _rebuild_extractor(config["extractor"], arrays, path)
+        det.set_params(feature_extractor=clone(det.feature_extractor_))
+    else:
+        det.feature_extractor_ = None
+    gaussian = PatchCovariance(
+        shrinkage=params["shrinkage"], device=params["device"],
+        dtype=fitted["gaussian_dtype"], store_covariance=False,
+    )
+    gaussian.location_ = np.ascontiguousarray(arrays["location"])
+    gaussian.cholesky_ = np.ascontiguousarray(arrays["cholesky"])
+    gaussian.shrinkage_ = arrays["shrinkage"]
+    gaussian.grid_shape_ = tuple(fitted["grid_shape"])
+    gaussian.n_features_in_ = len(arrays["channel_indices"])
+    gaussian.n_samples_seen_ = fitted["n_samples_seen"]
+    det.gaussian_ = gaussian
+    det.channel_indices_ = arrays["channel_indices"]
+    det.offset_ = fitted["offset"]
+    det.n_features_in_ = fitted["n_features_in"]
+    det.input_shape_ = tuple(fitted["input_shape"])
+    det.aspect_range_ = tuple(fitted["aspect_range"])
+    det.fitted_on_embeddings_ = fitted["fitted_on_embeddings"]
+    return det
