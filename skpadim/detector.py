@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._images import count_images, iter_image_batches
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, as_patch_embeddings
+from .metrics import _normal_flags
 
 __all__ = ["PatchGaussianDetector"]
 
@@ -66,6 +67,26 @@ def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
     if tuple(amap.shape[2:]) != tuple(image_shape):
         amap = F.interpolate(amap, size=tuple(int(s) for s in image_shape), mode="bilinear", align_corners=False)
     return amap[0, 0]
+
+
+def _normal_only(X, y, n_images):
+    """The images of X labelled normal (0, or an empty mask) by y, and their number."""
+    normal = _normal_flags(y)
+    if len(normal) != n_images:
+        raise ValueError(
+            f"y has {len(normal)} labels for {n_images} images; pass one label (0 = normal) "
+            "or one mask per image."
+        )
+    keep = np.flatnonzero(normal)
+    if len(keep) == n_images:
+        return X, n_images
+    if isinstance(X, PatchEmbeddings):
+        X = X.take_rows(keep)
+    elif isinstance(X, (np.ndarray, torch.Tensor)):
+        X = X[keep]
+    else:
+        X = [X[i] for i in keep]
+    return X, len(keep)
 
 
 class PatchGaussianDetector(OutlierMixin, BaseEstimator):
@@ -233,10 +254,14 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             image paths or arrays (sizes may differ); or their embeddings. ``X``
             is read twice (statistics, then the threshold), so it must be a
             sequence, not a one-shot iterator.
-        y : None
-            Ignored; all training images are taken as normal. Inside
-            cross-validation use :class:`skpadim.model_selection.NormalOnlyKFold`
-            so that training folds hold normal images only.
+        y : array-like of shape (n_images,), masks, or None, default=None
+            Optional labels: 0 normal / 1 anomalous, or scikit-learn's outlier
+            convention +1 normal / -1 anomalous (taken when y holds no 0), or
+            ground-truth masks (an empty mask meaning normal). When given, only the normal images are
+            fitted on and the others are left out, so that a cross-validation
+            or the final refit of a :class:`~sklearn.model_selection.GridSearchCV`
+            on a labelled set never learns defects as normal. ``None`` takes
+            every image as normal.
 
         Returns
         -------
@@ -250,6 +275,8 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 "fit reads the training images twice (statistics, then the decision "
                 "threshold); pass a list, array or tensor rather than a one-shot iterator."
             )
+        if y is not None:
+            X, n_images = _normal_only(X, y, n_images)
         if n_images < 2:
             raise ValueError(
                 f"fit needs at least 2 training images to estimate a distribution; got {n_images}."

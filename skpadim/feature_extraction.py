@@ -25,12 +25,13 @@ import os
 import warnings
 from pathlib import Path
 
+import joblib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._device import resolve_device
 from ._images import iter_image_batches
@@ -106,9 +107,13 @@ class PatchEmbeddings(np.ndarray):
 
     def rows(self, start, stop):
         """Images ``start:stop`` with their geometry (plain slicing keeps all shapes)."""
+        return self.take_rows(np.arange(len(self))[start:stop])
+
+    def take_rows(self, indices):
+        """The images at ``indices`` with their geometry."""
         return PatchEmbeddings(
-            np.asarray(self)[start:stop],
-            image_shapes=self.image_shapes[start:stop],
+            np.asarray(self)[indices],
+            image_shapes=self.image_shapes[indices],
             resize_shape=self.resize_shape,
             crop_box=self.crop_box,
         )
@@ -276,6 +281,11 @@ def _natural_key(name):
     return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
+def _embed_arrays(key, images, extractor):
+    """Embeddings of numpy images (3, H, W); ``key`` identifies them for caching."""
+    return extractor.embed([torch.from_numpy(img) for img in images]).cpu().numpy()
+
+
 class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     """Multi-scale patch embeddings from a pretrained CNN, as in PaDiM.
 
@@ -313,6 +323,13 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         Images per forward pass.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
         Where the backbone runs.
+    memory : str, joblib.Memory or None, default=None
+        Caches the embeddings of each batch of images on disk (a folder path, or
+        a :class:`joblib.Memory`), keyed by the pixels and by every parameter
+        that changes the features. A hyper-parameter search that varies only the
+        detector's parameters then runs the backbone once per image instead of
+        once per candidate, and a detector's second pass over its training
+        images (for the threshold) is read from the cache. Clones share it.
 
     Attributes
     ----------
@@ -349,6 +366,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         "std": [tuple, list, None],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
+        "memory": [None, str, HasMethods(["cache"])],
     }
 
     def __init__(
@@ -364,6 +382,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         std=None,
         batch_size=32,
         device="auto",
+        memory=None,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -375,6 +394,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         self.std = std
         self.batch_size = batch_size
         self.device = device
+        self.memory = memory
 
     # -- building ----------------------------------------------------------------
     def _build_backbone(self):
@@ -520,10 +540,13 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             float32 embeddings that also record each image's original size.
         """
         check_is_fitted(self, "model_")
+        memory = check_memory(self.memory)
+        embed = memory.cache(_embed_arrays, ignore=["extractor"])
+        key = self._feature_key() if self.memory is not None else None
         chunks, shapes = [], []
         for batch in iter_image_batches(X, self.batch_size):
             shapes.extend(tuple(img.shape[1:]) for img in batch)
-            chunks.append(self.embed(batch).cpu().numpy())
+            chunks.append(embed(key, [img.numpy() for img in batch], extractor=self))
         if not chunks:
             raise ValueError("X: got 0 images; at least one is required.")
         return PatchEmbeddings(
@@ -532,6 +555,18 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             resize_shape=self._resize_shape,
             crop_box=self._crop_box,
         )
+
+    def _feature_key(self):
+        """Everything that determines the embeddings of given pixels."""
+        backbone = self.backbone
+        if isinstance(backbone, torch.nn.Module):
+            backbone = joblib.hash({k: v.cpu().numpy() for k, v in self.model_.state_dict().items()})
+        weights = self.weights
+        if weights is not None and _looks_like_path(weights):
+            path = Path(weights)
+            weights = (str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else str(weights)
+        return (backbone, str(weights), self.layers_, self._resize_shape, self._crop_box,
+                self.mean_, self.std_)
 
     def __getstate__(self):
         # A model used on a GPU is pickled from a CPU copy, so that it loads on

@@ -38,6 +38,8 @@ __all__ = [
     "aupro",
     "aupro_scorer",
     "image_auroc",
+    "image_auroc_scorer",
+    "image_average_precision_scorer",
     "make_pixel_scorer",
     "pixel_auroc",
     "pixel_auroc_scorer",
@@ -353,13 +355,13 @@ class _PixelScorer:
                 "Pixel-level scorers need the ground-truth masks of X as y "
                 "(an array (n_images, H, W) or a list of 2-D arrays); got y=None."
             )
-        if not callable(getattr(estimator, "anomaly_maps", None)):
+        if not callable(getattr(_final_step(estimator), "anomaly_maps", None)):
             raise TypeError(
                 f"{type(estimator).__name__} has no anomaly_maps method; pixel-level "
                 "scorers need an estimator that returns anomaly maps."
             )
         metric = _PIXEL_METRICS[self.metric] if isinstance(self.metric, str) else self.metric
-        return float(metric(y, estimator.anomaly_maps(X), **self.kwargs))
+        return float(metric(y, _anomaly_maps(estimator, X), **self.kwargs))
 
     def __repr__(self):
         if isinstance(self.metric, str):
@@ -371,6 +373,77 @@ class _PixelScorer:
 
 
 _PIXEL_METRICS = {"pixel_auroc": pixel_auroc, "aupro": aupro}
+
+
+def _final_step(estimator):
+    return estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+
+
+def _anomaly_maps(estimator, X):
+    """Maps of an estimator, or of the last step of a Pipeline fed by the others."""
+    if hasattr(estimator, "steps"):
+        return estimator[-1].anomaly_maps(estimator[:-1].transform(X))
+    return estimator.anomaly_maps(X)
+
+
+def _image_labels(y):
+    """0/1 image labels from labels, or from masks (an image is anomalous if any pixel is)."""
+    if isinstance(y, (list, tuple)) and len(y) and np.ndim(y[0]) == 2:
+        return np.array([np.any(m) for m in y], dtype=int)
+    y = np.asarray(y)
+    if y.ndim == 3:
+        return y.reshape(len(y), -1).any(axis=1).astype(int)
+    return y
+
+
+def _normal_flags(y):
+    """Boolean "is normal" per image.
+
+    Masks: an empty mask is normal. Labels: 0 is normal when y holds a 0;
+    otherwise y follows scikit-learn's outlier convention, +1 normal and -1
+    anomalous (a training fold of that convention holds only +1).
+    """
+    is_masks = (isinstance(y, (list, tuple)) and len(y) and np.ndim(y[0]) == 2) or np.ndim(y) == 3
+    labels = _image_labels(y)
+    if np.ndim(labels) != 1:
+        raise ValueError(f"y must be 1-D labels or (n, H, W) masks, got shape {np.shape(labels)}.")
+    if is_masks or np.any(labels == 0):
+        return labels == 0
+    return labels == 1
+
+
+class _ImageScorer:
+    """``scorer(estimator, X, y)``: an image metric of the anomaly scores ``-score_samples``."""
+
+    def __init__(self, name, metric):
+        self.name, self.metric = name, metric
+
+    def __call__(self, estimator, X, y):
+        if y is None:
+            raise ValueError(f"{self.name} needs image labels (0 normal, 1 anomalous) or masks as y.")
+        return float(self.metric(_image_labels(y), -np.asarray(estimator.score_samples(X))))
+
+    def __repr__(self):
+        return self.name
+
+
+def _average_precision(y_true, scores):
+    from sklearn.metrics import average_precision_score
+
+    image_auroc(y_true, scores)  # the same validation of labels and scores
+    return average_precision_score(y_true, scores)
+
+
+#: Scorer ``scorer(estimator, X, y)``: :func:`image_auroc` of the anomaly scores
+#: ``-estimator.score_samples(X)`` with ``y`` = 0 normal / 1 anomalous (or the
+#: masks). Unlike scikit-learn's ``"roc_auc"``, which reads ``decision_function``
+#: (higher = normal) and so needs the normal class to be the greater label, it
+#: takes the usual 1 = defective labels.
+image_auroc_scorer = _ImageScorer("image_auroc_scorer", image_auroc)
+
+#: Scorer ``scorer(estimator, X, y)``: average precision of detecting anomalous
+#: images (``y`` = 1, or masks) from ``-estimator.score_samples(X)``.
+image_average_precision_scorer = _ImageScorer("image_average_precision_scorer", _average_precision)
 
 #: Scorer ``scorer(estimator, X, y)`` returning :func:`pixel_auroc` of
 #: ``estimator.anomaly_maps(X)`` against the masks ``y``; see
