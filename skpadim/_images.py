@@ -59,14 +59,26 @@ def _array_to_tensor(img, where):
 
 
 def _to_unit_float(t, where):
-    """uint8 -> /255; float -> checked to lie in [0, 1]; anything else rejected."""
+    """uint8 -> /255, uint16 -> /65535, other integers in 0..255 -> /255,
+    float -> checked to lie in [0, 1]; anything else rejected."""
     if t.dtype == torch.uint8:
         return t.to(torch.float32) / 255.0
-    if t.dtype == torch.bool or not (t.is_floating_point()):
+    if t.dtype == torch.uint16:  # 16-bit cameras
+        return t.to(torch.float32) / 65535.0
+    if t.dtype == torch.bool or t.is_complex():
         raise TypeError(
-            f"{where}: images must be uint8 (0..255) or float (0..1), got dtype "
+            f"{where}: images must be uint8 (0..255), uint16 or float (0..1), got dtype "
             f"{str(t.dtype).replace('torch.', '')}."
         )
+    if not t.is_floating_point():
+        # int32/int64 arrays often hold 8-bit values (np.array of Python ints).
+        if t.numel() and (t.min() < 0 or t.max() > 255):
+            raise ValueError(
+                f"{where}: integer images of dtype {str(t.dtype).replace('torch.', '')} must "
+                f"hold 8-bit values 0..255, got values in [{int(t.min())}, {int(t.max())}]; "
+                "pass 16-bit data as uint16."
+            )
+        return t.to(torch.float32) / 255.0
     t = t.to(torch.float32)
     if not torch.isfinite(t).all():
         raise ValueError(f"{where}: image contains NaN or infinite values.")

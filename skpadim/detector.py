@@ -372,14 +372,37 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             Smoothed Mahalanobis distances, higher = more anomalous. An array
             when all images have the same size, else a list of 2-D arrays.
         """
-        out = []
+        out = list(self.iter_anomaly_maps(X))
+        return np.stack(out) if len({m.shape for m in out}) == 1 else out
+
+    def iter_anomaly_maps(self, X):
+        """Yield the anomaly map of each image in turn, batch by batch.
+
+        For long streams (an inspection line, thousands of image paths, a
+        generator): memory stays bounded by ``batch_size`` images.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
+            Images in any format accepted by :meth:`fit`.
+
+        Yields
+        ------
+        amap : ndarray of shape (H, W)
+            The map of the next image, at its own resolution.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skpadim import PatchEmbeddings, PatchGaussianDetector
+        >>> emb = PatchEmbeddings(np.random.RandomState(0).rand(10, 4, 3, 3))
+        >>> det = PatchGaussianDetector(n_features=None).fit(emb)
+        >>> [m.shape for m in det.iter_anomaly_maps(emb[:2])]
+        [(3, 3), (3, 3)]
+        """
         for maps, emb in self._iter_maps(X):
             for amap, shape in zip(maps, emb.image_shapes):
-                out.append(
-                    _to_image_resolution(amap, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
-                )
-        shapes = {m.shape for m in out}
-        return np.stack(out) if len(shapes) == 1 else out
+                yield _to_image_resolution(amap, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
 
     def score_samples(self, X):
         """Opposite of the anomaly score: higher means more normal.

@@ -105,18 +105,25 @@ class PatchEmbeddings(np.ndarray):
         """``(H, W)`` of the preprocessed image the backbone saw."""
         return self.resize_shape if self.crop_box is None else tuple(self.crop_box[2:])
 
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        if not isinstance(out, PatchEmbeddings):
+            return out
+        if out.ndim != 4:
+            return out.view(np.ndarray)  # no longer one embedding grid per image
+        rows = key[0] if isinstance(key, tuple) else key
+        if rows is not Ellipsis:
+            # Selecting images selects their shapes too.
+            out.image_shapes = self.image_shapes[rows]
+        return out
+
     def rows(self, start, stop):
-        """Images ``start:stop`` with their geometry (plain slicing keeps all shapes)."""
-        return self.take_rows(np.arange(len(self))[start:stop])
+        """Images ``start:stop`` with their geometry."""
+        return self[start:stop]
 
     def take_rows(self, indices):
         """The images at ``indices`` with their geometry."""
-        return PatchEmbeddings(
-            np.asarray(self)[indices],
-            image_shapes=self.image_shapes[indices],
-            resize_shape=self.resize_shape,
-            crop_box=self.crop_box,
-        )
+        return self[np.asarray(indices)]
 
     def __reduce__(self):
         # ndarray pickles only the data; keep the geometry so that Pipeline

@@ -1,0 +1,215 @@
+"""Bad input gets a clear error naming the culprit; a failed fit loses nothing."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from conftest import textured_images
+from skpadim import PatchCovariance, PatchGaussianDetector, TorchvisionExtractor
+from skpadim._images import iter_image_batches
+
+
+def _convert(X, batch_size=4):
+    return [img for batch in iter_image_batches(X, batch_size) for img in batch]
+
+
+# -- property-based: the image validator either converts or explains -----------------
+
+image_shapes = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)).flatmap(
+    lambda s: st.sampled_from([s, s + (1,), s + (3,), s + (2,), s + (4,), s[1:]])
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrays(
+        dtype=st.sampled_from([np.uint8, np.uint16, np.int64, np.float32, np.float64, np.bool_]),
+        shape=image_shapes,
+    )
+)
+def test_image_validator_converts_or_explains(X):
+    try:
+        images = _convert(X)
+    except (ValueError, TypeError) as exc:
+        assert str(exc).startswith("X"), exc  # the message names the input at fault
+        return
+    assert len(images) == len(X)
+    for img in images:
+        assert img.dtype == torch.float32 and img.shape[0] == 3
+        assert img.shape[1:] == X.shape[1:3]
+        assert torch.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 255), min_size=1, max_size=4),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+)
+def test_float_images_outside_unit_range_or_nonfinite_are_rejected(values, bad):
+    X = np.zeros((len(values), 4, 4), np.float32) + np.array(values, np.float32)[:, None, None] / 255
+    X[-1, 0, 0] = bad
+    if np.isfinite(bad) and 0 <= bad <= 1:
+        assert len(_convert(X)) == len(values)
+    else:
+        with pytest.raises(ValueError, match=r"NaN or infinite|must lie in \[0, 1\]"):
+            _convert(X)
+
+
+def test_dtypes_and_ranges():
+    np.testing.assert_allclose(_convert(np.full((1, 4, 4), 65535, np.uint16))[0], 1.0)
+    np.testing.assert_allclose(_convert(np.full((1, 4, 4), 51, np.int64))[0], 0.2)
+    with pytest.raises(ValueError, match=r"8-bit values 0..255.*\[0, 300\]"):
+        _convert(np.array([[[0, 300]]], np.int32))
+    with pytest.raises(ValueError, match=r"X\[1\]: .*\(H, W\), \(H, W, 1\) or \(H, W, 3\)"):
+        _convert([np.zeros((4, 4), np.uint8), np.zeros((4, 4, 5), np.uint8)])
+    with pytest.raises(TypeError, match="single path"):
+        _convert("image.png")
+    with pytest.raises(TypeError, match=r"X\[0\]: unsupported image of type dict"):
+        _convert([{}])
+    with pytest.raises(TypeError, match="bool"):
+        _convert(np.zeros((1, 4, 4), bool))
+    with pytest.raises(ValueError, match=r"torch tensor of shape \(n, 3, H, W\)"):
+        _convert(torch.zeros(2, 4, 4, 3))
+
+
+def test_mixed_sizes_and_files(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    buf = tmp_path / "full.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)).save(buf)
+    truncated.write_bytes(buf.read_bytes()[:200])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\x00" * 100)
+    images = _convert([good, np.zeros((3, 9), np.uint8), torch.zeros(3, 2, 2)])
+    assert [tuple(i.shape) for i in images] == [(3, 5, 7), (3, 3, 9), (3, 2, 2)]
+    with pytest.raises(ValueError, match=r"X\[1\]: cannot read image file .*truncated.png"):
+        _convert([good, truncated])
+    with pytest.raises(ValueError, match=r"X\[0\]: cannot read image file .*garbage.jpg"):
+        _convert([garbage])
+    with pytest.raises(FileNotFoundError, match=r"X\[2\]: image file .*missing.png' does not exist"):
+        _convert([good, good, tmp_path / "missing.png"])
+
+
+# -- parameters ----------------------------------------------------------------------
+
+
+def test_extractor_parameter_errors():
+    with pytest.raises(ValueError, match="not a torchvision classification model"):
+        TorchvisionExtractor("resnet1800").fit()
+    with pytest.raises(ValueError, match=r"Unknown layer name\(s\) \['layer9'\].*layer1, layer1.0"):
+        TorchvisionExtractor("resnet18", layers=("layer1", "layer9"), weights=None).fit()
+    with pytest.raises(FileNotFoundError, match="TORCH_HOME"):
+        TorchvisionExtractor("resnet18").fit()  # no cached weights, no download
+    with pytest.raises(ValueError, match="weights='NOPE' is not known for resnet18"):
+        TorchvisionExtractor("resnet18", weights="NOPE").fit()
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        TorchvisionExtractor("resnet18", weights="/does/not/exist.pth").fit()
+    with pytest.raises(ValueError, match="crop_size"):
+        TorchvisionExtractor(weights=None, image_size=32, crop_size=64).fit()
+    with pytest.raises(ValueError, match="image_size"):
+        TorchvisionExtractor(weights=None, image_size=8).fit()
+
+
+def test_local_state_dict_is_loaded(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    ext = TorchvisionExtractor("resnet18", weights=str(tmp_path / "r18.pth"), image_size=32).fit()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.nn.Sequential(*list(reference.children())[:5]).eval()(x)
+    np.testing.assert_allclose(ext.model_(x)["layer1"].detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_requested_without_gpu(tiny_extractor, normal_images):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present, so asking for one is not an error")
+    with pytest.raises(RuntimeError, match="device='cuda' was requested"):
+        PatchGaussianDetector(tiny_extractor, n_features=4, device="cuda").fit(normal_images)
+    tiny_extractor.set_params(device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        PatchGaussianDetector(tiny_extractor, n_features=4).fit(normal_images)
+
+
+def test_too_few_images_for_a_tiny_fixed_shrinkage(tiny_extractor, normal_images):
+    # Ledoit-Wolf is well defined for any number of images; a tiny eps is not.
+    PatchGaussianDetector(tiny_extractor, n_features=8).fit(normal_images[:3])
+    with pytest.warns(UserWarning, match="singular"):
+        PatchGaussianDetector(tiny_extractor, n_features=8, shrinkage=1e-6).fit(normal_images[:3])
+
+
+def test_detector_parameter_errors(tiny_extractor, normal_images):
+    for params, match in [
+        ({"contamination": 0.7}, "contamination"),
+        ({"sigma": -1}, "sigma"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"shrinkage": "oas"}, "shrinkage"),
+        ({"feature_extractor": "resnet18"}, "feature_extractor"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            PatchGaussianDetector(**{"feature_extractor": tiny_extractor, **params}).fit(normal_images)
+
+
+# -- failure without loss ------------------------------------------------------------
+
+
+class _Interrupting:
+    """A sequence of images whose iteration is interrupted after ``stop`` images."""
+
+    def __init__(self, images, stop):
+        self.images, self.stop = images, stop
+
+    def __len__(self):
+        return len(self.images)
+
+    def __iter__(self):
+        for i, img in enumerate(self.images):
+            if i == self.stop:
+                raise KeyboardInterrupt
+            yield img
+
+
+@pytest.mark.parametrize("stop", [3, 20])
+def test_interrupted_refit_keeps_the_fitted_state(tiny_extractor, normal_images, test_images, stop):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, batch_size=4)
+    det.fit(normal_images)
+    before_scores = det.score_samples(test_images)
+    before_params = det.get_params()
+    other = textured_images(24, seed=9)
+    with pytest.raises(KeyboardInterrupt):
+        det.set_params(n_features=6).fit(_Interrupting(list(other), stop))
+    det.set_params(**{k: v for k, v in before_params.items() if "__" not in k})
+    np.testing.assert_array_equal(det.score_samples(test_images), before_scores)
+    assert det.channel_indices_.shape == (8,)
+
+
+def test_failed_partial_fit_keeps_statistics():
+    X = np.random.RandomState(0).randn(20, 3, 2, 2)
+    est = PatchCovariance().partial_fit(X[:10])
+    before = est.covariance_.copy()
+    bad = X[10:].copy()
+    bad[3, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        est.partial_fit(bad)
+    np.testing.assert_array_equal(est.covariance_, before)
+    est.partial_fit(X[10:])
+    np.testing.assert_allclose(est.covariance_, PatchCovariance().fit(X).covariance_, rtol=1e-5)
+
+
+# -- determinism ---------------------------------------------------------------------
+
+
+def test_same_data_and_seed_give_identical_results(tiny_extractor, normal_images, test_images):
+    runs = [
+        PatchGaussianDetector(tiny_extractor, n_features=8, random_state=3).fit(normal_images)
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(runs[0].channel_indices_, runs[1].channel_indices_)
+    np.testing.assert_array_equal(runs[0].anomaly_maps(test_images), runs[1].anomaly_maps(test_images))
+    np.testing.assert_array_equal(runs[0].score_samples(test_images), runs[1].score_samples(test_images))
