@@ -38,26 +38,41 @@ class _Moments:
     ``n`` samples, ``mean = m``, ``m2 = sum y y^T``, ``t = sum |y|^2 y`` and
     ``q = sum |y|^4``. ``t`` and ``q`` are what Ledoit-Wolf needs beyond the
     covariance; ``t`` is only needed to move ``q`` to a new centre when merging.
+    All are float64 except ``m2``, which may be float32 to halve the memory.
     """
 
     def __init__(self, n, mean, m2, t, q):
         self.n, self.mean, self.m2, self.t, self.q = n, mean, m2, t, q
 
     @classmethod
+    def zeros(cls, p, c, m2_dtype, device):
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(
+            0,
+            torch.zeros((p, c), **f64),
+            torch.zeros((p, c, c), dtype=m2_dtype, device=device),
+            torch.zeros((p, c), **f64),
+            torch.zeros((p,), **f64),
+        )
+
+    def copy(self):
+        return _Moments(self.n, *(x.clone() for x in (self.mean, self.m2, self.t, self.q)))
+
+    @classmethod
     def of_batch(cls, Y):
         """Statistics of ``Y`` with shape ``(P, n, C)`` (float64)."""
         n = Y.shape[1]
         mean = Y.mean(dim=1)
-        Yc = Y - mean[:, None, :]
+        Yc = (Y - mean[:, None, :]).contiguous()
         m2 = torch.bmm(Yc.transpose(1, 2), Yc)
         sq = (Yc * Yc).sum(dim=2)  # (P, n): |y_k|^2
         t = torch.bmm(sq[:, None, :], Yc)[:, 0, :]
         q = (sq * sq).sum(dim=1)
         return cls(n, mean, m2, t, q)
 
-    def _shifted(self, d):
-        """The statistics about ``mean + d`` instead of ``mean`` (``d``: (P, C))."""
-        n, m2, t, q = self.n, self.m2, self.t, self.q
+    @staticmethod
+    def _shifted(n, m2, t, q, d):
+        """Statistics about ``mean + d`` instead of ``mean`` (``d``: (P, C))."""
         tr = torch.diagonal(m2, dim1=1, dim2=2).sum(dim=1)
         m2d = torch.bmm(m2, d[:, :, None])[:, :, 0]
         dd = (d * d).sum(dim=1)
@@ -68,14 +83,22 @@ class _Moments:
         )
         return m2_new, t_new, q_new
 
-    def merge(self, other):
-        """Statistics of the union of both sample sets (Chan et al.'s pairwise update)."""
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        a = self._shifted(mean - self.mean)
-        b = other._shifted(mean - other.mean)
-        return _Moments(n, mean, a[0] + b[0], a[1] + b[1], a[2] + b[2])
+    def merge_chunk(self, sl, other):
+        """Merge ``other`` (float64 statistics of positions ``sl``) in place.
+
+        Both sets are moved to the combined mean and added (Chan et al.'s pairwise
+        update, extended to the third and fourth moments).
+        """
+        n_a, n_b = self.n, other.n
+        n = n_a + n_b
+        mean_a = self.mean[sl]
+        mean = mean_a + (other.mean - mean_a) * (n_b / n)
+        a = self._shifted(n_a, self.m2[sl].to(torch.float64), self.t[sl], self.q[sl], mean - mean_a)
+        b = self._shifted(n_b, other.m2, other.t, other.q, mean - other.mean)
+        self.mean[sl] = mean
+        self.m2[sl] = (a[0] + b[0]).to(self.m2.dtype)
+        self.t[sl] = a[1] + b[1]
+        self.q[sl] = a[2] + b[2]
 
 
 def ledoit_wolf_shrinkage_from_moments(n, m2, q):
@@ -204,8 +227,10 @@ class PatchCovariance(BaseEstimator):
         Where the batched linear algebra runs; ``"auto"`` takes a GPU when there
         is one. Fitted attributes are always stored as numpy arrays.
     dtype : {"float32", "float64"}, default="float32"
-        Precision of the stored location, covariance and Cholesky factors.
-        Accumulation always uses float64.
+        Precision of the stored location, covariance and Cholesky factors, and of
+        the running scatter matrices (the one large statistic; everything else
+        accumulates in float64, and each batch is reduced in float64 before a
+        centred merge, so float32 loses no digits to large means).
     store_covariance : bool, default=True
         Whether to keep ``covariance_``; scoring needs only ``cholesky_``, so
         turning it off halves the fitted size.
@@ -303,17 +328,20 @@ class PatchCovariance(BaseEstimator):
         """
         self._validate_params()
         X = self._check_embeddings(X, reset=True)
-        self._moments = self._accumulate(None, X)
-        self._finalize(self._moments, X.shape)
+        moments = self._accumulate(None, X)
+        self._finalize(moments, X.shape, consume=True)
+        if hasattr(self, "_moments"):
+            del self._moments
         return self
 
     def partial_fit(self, X, y=None):
         """Update the statistics with a batch of embeddings and refit.
 
         Successive calls give the same result as one :meth:`fit` on all batches
-        together, and a call after :meth:`fit` continues from it. The float64
-        running statistics (as large as the covariances) are kept in a private
-        attribute, and pickled, so that more batches can follow.
+        together. The running statistics (as large as the covariances) are kept
+        in a private attribute, and pickled, so that more batches can follow;
+        :meth:`fit` does not keep them, so a model fitted by :meth:`fit` cannot be
+        continued (partial_fit then raises).
 
         Parameters
         ----------
@@ -328,43 +356,53 @@ class PatchCovariance(BaseEstimator):
             The updated estimator.
         """
         first = not hasattr(self, "_moments")
+        if first and hasattr(self, "cholesky_"):
+            raise ValueError(
+                "This PatchCovariance was fitted with fit(), which does not keep the running "
+                "statistics; use partial_fit for every batch (or fit on all of them)."
+            )
         if first:
             self._validate_params()
         X = self._check_embeddings(X, reset=first)
-        self._moments = self._accumulate(None if first else self._moments, X)
-        self._finalize(self._moments, X.shape)
+        # Merge into a copy so that a failure part way leaves the statistics intact.
+        moments = self._accumulate(None if first else self._moments.copy(), X)
+        self._finalize(moments, X.shape, consume=False)
+        self._moments = moments
         return self
 
     def _accumulate(self, moments, X):
-        """Merge the statistics of batch X into ``moments`` (None to start afresh)."""
+        """Merge the statistics of batch X into ``moments`` (None to start afresh).
+
+        The batch is reduced a chunk of positions at a time, in float64, and merged
+        into the running statistics in place, so temporaries stay chunk-sized.
+        """
         device = resolve_device(self.device)
         n, c = X.shape[:2]
         Y = _positions_view(X)
+        if moments is None:
+            moments = _Moments.zeros(Y.shape[0], c, self._m2_dtype(), device)
         step = _chunk_size(n, c)
-        parts = []
         for start in range(0, Y.shape[0], step):
             chunk = Y[start : start + step].to(device=device, dtype=torch.float64)
-            parts.append(_Moments.of_batch(chunk))
-        batch = _Moments(
-            n,
-            torch.cat([p.mean for p in parts]),
-            torch.cat([p.m2 for p in parts]),
-            torch.cat([p.t for p in parts]),
-            torch.cat([p.q for p in parts]),
-        )
-        return batch if moments is None else moments.merge(batch)
+            moments.merge_chunk(slice(start, start + step), _Moments.of_batch(chunk))
+        moments.n += n
+        return moments
 
-    def _finalize(self, moments, shape):
-        """Shrunk covariances and their Cholesky factors from the moments."""
+    def _m2_dtype(self):
+        # The scatter matrices are the only large statistic; centred merges keep
+        # float32 accurate, and float64 is there for exact comparisons.
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def _finalize(self, moments, shape, consume=False):
+        """Shrunk covariances and their Cholesky factors from the moments.
+
+        Done a chunk of positions at a time; with ``consume`` the factors are
+        written over the scatter matrices, so that the peak memory of a fit is one
+        set of matrices rather than three.
+        """
         n = moments.n
-        c = moments.m2.shape[-1]
-        eye = torch.eye(c, dtype=torch.float64, device=moments.m2.device)
-        if self.shrinkage == "ledoit-wolf":
-            shrink = ledoit_wolf_shrinkage_from_moments(n, moments.m2, moments.q)
-            S = moments.m2 / n
-            mu = torch.diagonal(S, dim1=1, dim2=2).sum(dim=1) / c
-            cov = (1 - shrink)[:, None, None] * S + (shrink * mu)[:, None, None] * eye
-        else:
+        p, c = moments.mean.shape
+        if self.shrinkage != "ledoit-wolf":
             if n < 2:
                 raise ValueError(
                     "A fixed shrinkage needs at least 2 training images to estimate a "
@@ -377,19 +415,37 @@ class PatchCovariance(BaseEstimator):
                     "distances may be unreliable. Consider shrinkage='ledoit-wolf'.",
                     UserWarning,
                 )
-            shrink = torch.full((moments.m2.shape[0],), float("nan"), dtype=torch.float64)
-            cov = moments.m2 / (n - 1) + float(self.shrinkage) * eye
-        L = cholesky_lower(cov)
-        np_dtype = np.dtype(self.dtype)
-        # C order: torch's factors are column-major per matrix, and a layout that
-        # changed after a pickle round trip would change the floating-point results.
-        self.location_ = np.ascontiguousarray(moments.mean.cpu().numpy(), dtype=np_dtype)
-        self.cholesky_ = np.ascontiguousarray(L.cpu().numpy(), dtype=np_dtype)
-        if self.store_covariance:
-            self.covariance_ = np.ascontiguousarray(cov.cpu().numpy(), dtype=np_dtype)
+        out_dtype = torch.float64 if self.dtype == "float64" else torch.float32
+        chol = moments.m2 if consume and moments.m2.dtype == out_dtype else torch.empty(
+            (p, c, c), dtype=out_dtype, device=moments.m2.device
+        )
+        cov_out = np.empty((p, c, c), dtype=self.dtype) if self.store_covariance else None
+        shrink = torch.full((p,), float("nan"), dtype=torch.float64)
+        eye = torch.eye(c, dtype=torch.float64, device=moments.m2.device)
+        step = _chunk_size(0, c)
+        for start in range(0, p, step):
+            sl = slice(start, start + step)
+            m2 = moments.m2[sl].to(torch.float64)
+            if self.shrinkage == "ledoit-wolf":
+                s = ledoit_wolf_shrinkage_from_moments(n, m2, moments.q[sl])
+                S = m2 / n
+                mu = torch.diagonal(S, dim1=1, dim2=2).sum(dim=1) / c
+                cov = (1 - s)[:, None, None] * S + (s * mu)[:, None, None] * eye
+                shrink[sl] = s.cpu()
+            else:
+                cov = m2 / (n - 1) + float(self.shrinkage) * eye
+            if cov_out is not None:
+                cov_out[sl] = cov.cpu().numpy()
+            chol[sl] = cholesky_lower(cov).to(out_dtype)
+        # C order: a layout that changed after a pickle round trip would change the
+        # floating-point results of the triangular solves.
+        self.location_ = np.ascontiguousarray(moments.mean.cpu().numpy(), dtype=self.dtype)
+        self.cholesky_ = np.ascontiguousarray(chol.cpu().numpy())
+        if cov_out is not None:
+            self.covariance_ = cov_out
         elif hasattr(self, "covariance_"):
             del self.covariance_
-        self.shrinkage_ = shrink.cpu().numpy()
+        self.shrinkage_ = shrink.numpy()
         self.grid_shape_ = (int(shape[2]), int(shape[3]))
         self.n_features_in_ = int(c)
         self.n_samples_seen_ = int(n)
@@ -449,6 +505,6 @@ class PatchCovariance(BaseEstimator):
         moments = state.get("_moments")
         if moments is not None:
             state["_moments"] = _Moments(
-                moments.n, *(t.cpu() for t in (moments.mean, moments.m2, moments.t, moments.q))
+                moments.n, *(x.cpu() for x in (moments.mean, moments.m2, moments.t, moments.q))
             )
         return state

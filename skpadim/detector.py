@@ -306,7 +306,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             selected = torch.from_numpy(np.ascontiguousarray(np.asarray(emb)[:, channels]))
             selected = gaussian._check_embeddings(selected, reset=True)
             moments = gaussian._accumulate(moments, selected)
-        gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]))
+        gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
         del moments
 
         # The new state is assembled on a copy and only then written onto self,

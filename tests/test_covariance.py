@@ -153,8 +153,11 @@ def test_validation_errors():
     fitted = PatchCovariance().fit(_embeddings())
     with pytest.raises(ValueError, match="fitted on \\(n, 6, 2, 3\\)"):
         fitted.mahalanobis(_embeddings(c=5))
+    with pytest.raises(ValueError, match="fitted with fit\\(\\)"):
+        fitted.partial_fit(_embeddings())
+    streamed = PatchCovariance().partial_fit(_embeddings())
     with pytest.raises(ValueError, match="fitted on \\(n, 6, 2, 3\\)"):
-        fitted.partial_fit(_embeddings(h=3))
+        streamed.partial_fit(_embeddings(h=3))
 
 
 def test_single_image_with_ledoit_wolf_is_defined():
@@ -184,3 +187,18 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
 def test_doctests():
     result = doctest.testmod(skpadim.covariance)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_float32_accumulation_with_large_mean_stays_accurate():
+    # The default stores the running scatter matrices in float32; centred merges of
+    # float64 batch statistics keep them accurate even for values around 1e3.
+    X = _embeddings(n=64, mean=1e3, dtype=np.float32, seed=6)
+    streamed = PatchCovariance()
+    for start in range(0, 64, 5):
+        streamed.partial_fit(X[start : start + 5])
+    assert streamed._moments.m2.dtype == torch.float32
+    for p, samples in enumerate(_per_position(X)):
+        ref = LedoitWolf().fit(samples)
+        scale = np.abs(ref.covariance_).max()
+        np.testing.assert_allclose(streamed.covariance_[p], ref.covariance_, rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(streamed.shrinkage_[p], ref.shrinkage_, rtol=1e-4)
