@@ -234,6 +234,10 @@ class PatchCovariance(BaseEstimator):
     store_covariance : bool, default=True
         Whether to keep ``covariance_``; scoring needs only ``cholesky_``, so
         turning it off halves the fitted size.
+    compact : bool, default=False
+        Round the Cholesky factors to float16 and pickle only their lower
+        triangles: a quarter of the float32 size. Scores are computed from the
+        rounded factors, before and after a pickle round trip alike.
 
     Attributes
     ----------
@@ -273,15 +277,23 @@ class PatchCovariance(BaseEstimator):
         "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
         "dtype": [StrOptions({"float32", "float64"})],
         "store_covariance": ["boolean"],
+        "compact": ["boolean"],
     }
 
     def __init__(
-        self, shrinkage="ledoit-wolf", *, device="auto", dtype="float32", store_covariance=True
+        self,
+        shrinkage="ledoit-wolf",
+        *,
+        device="auto",
+        dtype="float32",
+        store_covariance=True,
+        compact=False,
     ):
         self.shrinkage = shrinkage
         self.device = device
         self.dtype = dtype
         self.store_covariance = store_covariance
+        self.compact = compact
 
     # -- input -----------------------------------------------------------------
     def _check_embeddings(self, X, reset):
@@ -436,7 +448,10 @@ class PatchCovariance(BaseEstimator):
                 cov = m2 / (n - 1) + float(self.shrinkage) * eye
             if cov_out is not None:
                 cov_out[sl] = cov.cpu().numpy()
-            chol[sl] = cholesky_lower(cov).to(out_dtype)
+            factor = cholesky_lower(cov)
+            if self.compact:
+                factor = factor.to(torch.float16)
+            chol[sl] = factor.to(out_dtype)
         # C order: a layout that changed after a pickle round trip would change the
         # floating-point results of the triangular solves.
         self.location_ = np.ascontiguousarray(moments.mean.cpu().numpy(), dtype=self.dtype)
@@ -507,4 +522,19 @@ class PatchCovariance(BaseEstimator):
             state["_moments"] = _Moments(
                 moments.n, *(x.cpu() for x in (moments.mean, moments.m2, moments.t, moments.q))
             )
+        if self.compact and "cholesky_" in state:
+            # Only the lower triangle, in float16: what compact promises on disk.
+            p, c, _ = state["cholesky_"].shape
+            rows, cols = np.tril_indices(c)
+            state["cholesky_"] = (state["cholesky_"][:, rows, cols].astype(np.float16), c)
         return state
+
+    def __setstate__(self, state):
+        packed = state.get("cholesky_")
+        if isinstance(packed, tuple):
+            tril, c = packed
+            full = np.zeros((tril.shape[0], c, c), dtype=np.dtype(state.get("dtype", "float32")))
+            rows, cols = np.tril_indices(c)
+            full[:, rows, cols] = tril
+            state["cholesky_"] = full
+        self.__dict__.update(state)

@@ -128,6 +128,10 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
         Where the covariance and distance computations run (the extractor has
         its own ``device``).
+    compact : bool, default=False
+        Keep the per-position Cholesky factors rounded to float16 and pickle only
+        their lower triangles, a quarter of the size; see
+        :class:`~skpadim.PatchCovariance`.
     random_state : int, RandomState instance or None, default=None
         Seeds the channel subset. Pass an int for reproducible results.
 
@@ -176,6 +180,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="both")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
+        "compact": ["boolean"],
         "random_state": ["random_state"],
     }
 
@@ -189,6 +194,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         contamination=0.01,
         batch_size=32,
         device="auto",
+        compact=False,
         random_state=None,
     ):
         self.feature_extractor = feature_extractor
@@ -198,6 +204,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         self.contamination = contamination
         self.batch_size = batch_size
         self.device = device
+        self.compact = compact
         self.random_state = random_state
 
     # -- batches of embeddings -------------------------------------------------
@@ -289,7 +296,8 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 self.feature_extractor if self.feature_extractor is not None else TorchvisionExtractor()
             ).fit()
         gaussian = PatchCovariance(
-            shrinkage=self.shrinkage, device=self.device, dtype="float32", store_covariance=False
+            shrinkage=self.shrinkage, device=self.device, dtype="float32",
+            store_covariance=False, compact=self.compact,
         )
         gaussian._validate_params()
         moments, channels, aspects = None, None, []

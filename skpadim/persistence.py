@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 _MAGIC = "skpadim-detector"
 
 _DETECTOR_PARAMS = ("n_features", "shrinkage", "sigma", "contamination", "batch_size", "device",
-                    "random_state")
+                    "compact", "random_state")
 _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
                      "batch_size", "device")
 
@@ -272,7 +272,7 @@ def load(path):
         det.feature_extractor_ = None
     gaussian = PatchCovariance(
         shrinkage=params["shrinkage"], device=params["device"],
-        dtype=fitted["gaussian_dtype"], store_covariance=False,
+        dtype=fitted["gaussian_dtype"], store_covariance=False, compact=params["compact"],
     )
     gaussian.location_ = np.ascontiguousarray(arrays["location"])
     gaussian.cholesky_ = np.ascontiguousarray(arrays["cholesky"])

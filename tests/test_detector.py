@@ -254,3 +254,16 @@ def test_failed_refit_keeps_the_fitted_state(tiny_extractor, normal_images, test
 def test_doctests():
     result = doctest.testmod(skpadim.detector)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_compact_models_are_smaller_and_round_trip_exactly(tiny_extractor, normal_images, test_images):
+    import pickle
+
+    full = PatchGaussianDetector(tiny_extractor, n_features=16, random_state=0).fit(normal_images)
+    compact = clone(full).set_params(compact=True).fit(normal_images)
+    size_full = len(pickle.dumps(full.gaussian_))
+    size_compact = len(pickle.dumps(compact.gaussian_))
+    assert size_compact < 0.35 * size_full  # float16 lower triangle: ~(C+1)/(4C) of float32
+    loaded = pickle.loads(pickle.dumps(compact))
+    np.testing.assert_array_equal(loaded.score_samples(test_images), compact.score_samples(test_images))
+    np.testing.assert_allclose(compact.score_samples(test_images), full.score_samples(test_images), rtol=2e-3)
