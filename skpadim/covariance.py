@@ -174,26 +174,6 @@ def cholesky_lower(cov):
     return L
 
 
-def mahalanobis_from_cholesky(X, location, cholesky):
-    """Mahalanobis distances ``sqrt((x - mu)^T Sigma^-1 (x - mu))`` per position.
-
-    Parameters
-    ----------
-    X : torch.Tensor of shape (P, n, C)
-    location : torch.Tensor of shape (P, C)
-    cholesky : torch.Tensor of shape (P, C, C)
-        Lower factors ``L`` with ``L L^T = Sigma``.
-
-    Returns
-    -------
-    distances : torch.Tensor of shape (P, n)
-    """
-    diff = (X - location[:, None, :]).transpose(1, 2)  # (P, C, n)
-    # Solving L z = diff whitens the residuals; |z|^2 is the squared distance.
-    z = torch.linalg.solve_triangular(cholesky, diff, upper=False)
-    return (z * z).sum(dim=1).sqrt()
-
-
 def _positions_view(X):
     """(n, C, h, w) -> (P, n, C) without copying the channels."""
     n, c, h, w = X.shape
@@ -487,17 +467,40 @@ class PatchCovariance(BaseEstimator):
         device = resolve_device(self.device)
         n, c, h, w = X.shape
         Y = _positions_view(X)
-        dtype = torch.from_numpy(self.cholesky_[:0]).dtype
+        whitening = self._whitening_matrices()
+        dtype = whitening.dtype
         step = _chunk_size(n, c, bytes_per_value=4)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
         for start in range(0, h * w, step):
             stop = start + step
             loc = torch.from_numpy(self.location_[start:stop]).to(device)
-            chol = torch.from_numpy(self.cholesky_[start:stop]).to(device)
-            out[start:stop] = mahalanobis_from_cholesky(
-                Y[start:stop].to(device=device, dtype=dtype), loc, chol
-            )
+            diff = (Y[start:stop].to(device=device, dtype=dtype) - loc[:, None, :]).transpose(1, 2)
+            z = torch.bmm(whitening[start:stop].to(device), diff)
+            out[start:stop] = (z * z).sum(dim=1).sqrt()
         return out.T.reshape(n, h, w)
+
+    def _whitening_matrices(self):
+        """``L^-1`` per position, from the Cholesky factors by triangular solves.
+
+        Scoring then whitens residuals with one batched matrix product, several
+        times faster than a triangular solve per call. Derived, so not pickled:
+        recomputed (identically) after loading.
+        """
+        cached = self.__dict__.get("_whitening")
+        if cached is not None and cached[0] is self.cholesky_:
+            return cached[1]
+        chol = torch.from_numpy(self.cholesky_)
+        c = chol.shape[-1]
+        W = torch.empty_like(chol)
+        eye = torch.eye(c, dtype=chol.dtype)
+        step = _chunk_size(0, c, bytes_per_value=4)
+        for start in range(0, len(chol), step):
+            block = chol[start : start + step]
+            W[start : start + step] = torch.linalg.solve_triangular(
+                block, eye.expand(len(block), c, c), upper=False
+            )
+        self._whitening = (self.cholesky_, W)
+        return W
 
     def score_samples(self, X):
         """Negative squared Mahalanobis distance, per patch (higher = more normal).
@@ -517,6 +520,7 @@ class PatchCovariance(BaseEstimator):
         # Running statistics may live on a GPU; pickle them from the CPU so that
         # a model saved on a GPU machine loads on a CPU-only one.
         state = self.__dict__.copy()
+        state.pop("_whitening", None)
         moments = state.get("_moments")
         if moments is not None:
             state["_moments"] = _Moments(

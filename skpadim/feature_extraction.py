@@ -20,6 +20,7 @@ so that it can be cloned and searched over.
 """
 
 import copy
+import functools
 import numbers
 import os
 import warnings
@@ -155,6 +156,13 @@ def _load_state_dict(path):
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights: no file at {str(path)!r}.")
+    stat = path.stat()
+    # Searches refit the same backbone many times; read each file once.
+    return _read_state_dict(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_state_dict(path, mtime_ns, size):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -450,8 +458,12 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         model, name = self._build_backbone()
         model.eval()
         layers = self.layers if self.layers is not None else _default_layers(name, model)
-        valid, shown = _valid_layers(model)
         label = name or type(model).__name__
+        modules = dict(model.named_modules())
+        if layers and all(layer in modules for layer in layers):
+            valid, shown = set(layers), []  # module names: no need to trace the graph twice
+        else:
+            valid, shown = _valid_layers(model)
         if not layers:
             raise ValueError(
                 f"layers must be given for backbone {label}; valid names include: "
