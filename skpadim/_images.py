@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["iter_image_batches", "count_images"]
+__all__ = ["iter_image_batches", "count_images", "ValidatedImages"]
 
 
 def _is_path(obj):
@@ -144,6 +144,14 @@ def _item_to_tensor(item, index):
     )
 
 
+class ValidatedImages(list):
+    """A list of float tensors (3, H, W) in [0, 1] that already passed validation.
+
+    The detector converts and checks its input once, then hands batches to the
+    feature extractor in this form so that they are not checked a second time.
+    """
+
+
 def count_images(X):
     """Number of images in X, or None for an iterator whose length is unknown."""
     if isinstance(X, (np.ndarray, torch.Tensor)):
@@ -172,6 +180,10 @@ def iter_image_batches(X, batch_size):
     batch : list of torch.Tensor
         Float32 tensors of shape ``(3, H, W)``; sizes may differ within a batch.
     """
+    if isinstance(X, ValidatedImages):
+        for start in range(0, len(X), batch_size):
+            yield X[start : start + batch_size]
+        return
     if isinstance(X, (str, os.PathLike)):
         raise TypeError(
             "X: got a single path; pass a list of image paths (e.g. [path]) instead."

@@ -17,7 +17,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import count_images, iter_image_batches
+from ._images import ValidatedImages, count_images, iter_image_batches
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, as_patch_embeddings
 from .metrics import _normal_flags
@@ -223,7 +223,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 "Pipeline), so it can only score PatchEmbeddings, not images."
             )
         for batch in iter_image_batches(X, self.batch_size):
-            yield extractor.transform(batch)
+            yield extractor.transform(ValidatedImages(batch))
 
     def _check_aspect(self, emb, start):
         low, high = self.aspect_range_

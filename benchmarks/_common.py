@@ -1,0 +1,280 @@
+"""Helpers shared by the benchmark scripts: timing, memory, environment, results.
+
+Memory is the resident set size (RSS) of the process. ``ru_maxrss`` is the
+high-water mark of the whole process since it started, so the scripts run each
+measured configuration in a fresh subprocess (:func:`run_worker`) and read it
+there; :class:`PeakRSS` samples the RSS in a thread to get the peak of one phase
+inside a process.
+"""
+
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+MIB = 2.0**20
+
+# Benchmark the checkout these scripts belong to, whether or not skpadim is installed.
+if str(REPO_DIR) not in sys.path:
+    sys.path.insert(0, str(REPO_DIR))
+
+
+# -- memory --------------------------------------------------------------------
+def max_rss_bytes():
+    """Peak RSS of this process since it started (``getrusage``'s ``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def current_rss_bytes():
+    """Current RSS of this process."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Context manager sampling the RSS in a thread: the peak during a phase.
+
+    ``start`` is the RSS when the phase began, ``peak`` the largest value seen
+    (sampled every ``interval`` seconds, so a spike shorter than that may be
+    missed), ``increase`` their difference.
+    """
+
+    def __init__(self, interval=0.005):
+        self.interval = interval
+        self.start = self.peak = 0
+
+    def __enter__(self):
+        self.start = self.peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+        return False
+
+    @property
+    def increase(self):
+        return self.peak - self.start
+
+
+# -- time ----------------------------------------------------------------------
+class Timer:
+    """``with Timer(cuda) as t: ...`` then ``t.seconds`` (wall clock, GPU synchronised)."""
+
+    def __init__(self, cuda=False):
+        self.cuda = cuda
+        self.seconds = None
+
+    def _sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def __enter__(self):
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._sync()
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+# -- threads and environment ---------------------------------------------------
+def set_threads(n):
+    """Use ``n`` intra-op threads in torch (and the BLAS libraries it calls)."""
+    import torch
+
+    torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
+def thread_env(n):
+    """Environment for a worker process that should use ``n`` threads."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(n)
+    # The workers import skpadim from this checkout, whatever is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or no __version__
+        return None
+
+
+def git_commit():
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(threads=None, device="cpu", extra_modules=()):
+    """A dict describing the machine and the software, stored with every result."""
+    import torch
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+        "skpadim_commit": git_commit(),
+    }
+    for module in ("skpadim", "numpy", "sklearn", "torchvision", *extra_modules):
+        info[module] = _version(module)
+    if device == "cuda" and torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_environment(info):
+    keys = ("cpu_model", "cpu_count", "torch_threads", "device", "torch", "skpadim_commit")
+    print("  ".join(f"{k}={info.get(k)}" for k in keys))
+
+
+# -- subprocesses --------------------------------------------------------------
+def run_worker(script, config, workdir, threads, label):
+    """Run ``script --worker CONFIG.json`` in a fresh Python process; return its JSON result.
+
+    A fresh process per measured configuration makes its ``ru_maxrss`` the peak
+    of that configuration alone.
+    """
+    workdir = Path(workdir)
+    cfg_path = workdir / f"{label}.config.json"
+    out_path = workdir / f"{label}.result.json"
+    cfg_path.write_text(json.dumps(dict(config, result_path=str(out_path)), default=str))
+    proc = subprocess.run(
+        [sys.executable, str(script), "--worker", str(cfg_path)],
+        env=thread_env(threads),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        raise RuntimeError(f"worker {label!r} failed (exit code {proc.returncode}):\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+# -- data ----------------------------------------------------------------------
+def spaced_indices(n, k):
+    """``k`` indices spread evenly over ``range(n)`` (all of them if k is None or >= n).
+
+    On a frame sorted by defect type this keeps every type in a subset.
+    """
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+# -- results -------------------------------------------------------------------
+def slug(text):
+    keep = "".join(c if c.isalnum() or c in "-." else "-" for c in str(text))
+    return "-".join(part for part in keep.split("-") if part)
+
+
+def _fmt(value):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(rows, columns, headers=None):
+    """Plain-text table of ``rows`` (dicts) restricted to ``columns``."""
+    headers = headers or columns
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(out)
+
+
+def write_results(name, rows, columns, meta, results_dir=None):
+    """Write ``rows`` to ``<results_dir>/<name>.csv`` and rows + meta to ``<name>.json``."""
+    results_dir = Path(results_dir or RESULTS_DIR)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = results_dir / f"{name}.csv"
+    json_path = results_dir / f"{name}.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    payload = _finite({**meta, "rows": rows})
+    json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    return csv_path, json_path
+
+
+def _finite(obj):
+    """NaN and infinities -> None, so that the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
