@@ -29,6 +29,8 @@ __all__ = ["PatchCovariance", "ledoit_wolf_shrinkage_from_moments"]
 # Bound on the float64 temporaries of one chunk of positions (bytes). Chunking
 # over positions keeps peak memory independent of the grid size.
 _CHUNK_BYTES = 256 * 2**20
+# Largest set of Cholesky factors for which scoring keeps their inverses too.
+_WHITENING_BYTES = 1 * 2**30
 
 
 class _Moments:
@@ -467,15 +469,21 @@ class PatchCovariance(BaseEstimator):
         device = resolve_device(self.device)
         n, c, h, w = X.shape
         Y = _positions_view(X)
-        whitening = self._whitening_matrices()
-        dtype = whitening.dtype
+        # Whitening matrices make scoring several times faster but are as large as
+        # the factors; past a size, solve with the factors chunk by chunk instead.
+        whitening = self._whitening_matrices() if self.cholesky_.nbytes <= _WHITENING_BYTES else None
+        dtype = torch.from_numpy(self.cholesky_[:0]).dtype
         step = _chunk_size(n, c, bytes_per_value=4)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
         for start in range(0, h * w, step):
             stop = start + step
             loc = torch.from_numpy(self.location_[start:stop]).to(device)
             diff = (Y[start:stop].to(device=device, dtype=dtype) - loc[:, None, :]).transpose(1, 2)
-            z = torch.bmm(whitening[start:stop].to(device), diff)
+            if whitening is not None:
+                z = torch.bmm(whitening[start:stop].to(device), diff)
+            else:
+                chol = torch.from_numpy(self.cholesky_[start:stop]).to(device)
+                z = torch.linalg.solve_triangular(chol, diff, upper=False)
             out[start:stop] = (z * z).sum(dim=1).sqrt()
         return out.T.reshape(n, h, w)
 

@@ -202,3 +202,13 @@ def test_float32_accumulation_with_large_mean_stays_accurate():
         scale = np.abs(ref.covariance_).max()
         np.testing.assert_allclose(streamed.covariance_[p], ref.covariance_, rtol=1e-4, atol=1e-5 * scale)
         np.testing.assert_allclose(streamed.shrinkage_[p], ref.shrinkage_, rtol=1e-4)
+
+
+def test_large_models_score_by_triangular_solves(monkeypatch):
+    X = _embeddings(n=30, seed=8)
+    est = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
+    fast = est.mahalanobis(X[:4])
+    monkeypatch.setattr(skpadim.covariance, "_WHITENING_BYTES", 0)
+    est_big = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
+    np.testing.assert_allclose(est_big.mahalanobis(X[:4]), fast, rtol=1e-10)
+    assert "_whitening" not in est_big.__dict__
