@@ -1,0 +1,162 @@
+"""Peak memory of fitting against the number of images, and of scoring a long stream.
+
+``fit``: each configuration runs in a fresh process whose peak RSS (``ru_maxrss``)
+is that fit's alone; the training images are real texture tiles produced on demand
+from their index, so the data itself takes no memory and what grows, if anything,
+is the detector's.
+
+``stream``: one detector scores a generator of images (``iter_anomaly_maps``), and
+the RSS is sampled every ``--every`` images: it should stay flat.
+
+    python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 400 5000
+    python benchmarks/memory.py fit --backbone wide_resnet50_2 --weights none --n-features 550 --n 200 400
+    python benchmarks/memory.py stream --n 10000
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    MIB,
+    current_rss_bytes,
+    environment,
+    format_table,
+    max_rss_bytes,
+    print_environment,
+    run_worker,
+    set_threads,
+    write_results,
+)
+
+
+class TextureTiles(Sequence):
+    """``n`` RGB uint8 tiles of real texture photographs, made from their index.
+
+    Random crops (position, flip) of scikit-image's brick / grass / gravel, so
+    that memory holds no image set; indexing twice gives the same tile.
+    """
+
+    def __init__(self, n, size=224, texture="brick", seed=0):
+        from skimage import data
+
+        self.n, self.size, self.seed = n, size, seed
+        self.source = getattr(data, texture)()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        rng = np.random.RandomState(self.seed * 1_000_003 + i)
+        h, w = self.source.shape
+        y, x = rng.randint(0, h - self.size + 1), rng.randint(0, w - self.size + 1)
+        tile = self.source[y : y + self.size, x : x + self.size]
+        if rng.rand() < 0.5:
+            tile = tile[:, ::-1]
+        return np.repeat(tile[..., None], 3, axis=-1).copy()
+
+
+def _detector(cfg):
+    from skpadim import PatchGaussianDetector, TorchvisionExtractor
+
+    weights = None if cfg["weights"] == "none" else cfg["weights"]
+    if weights == "default":
+        weights = "DEFAULT"
+    ext = TorchvisionExtractor(cfg["backbone"], weights=weights, image_size=cfg["image_size"],
+                               device=cfg["device"])
+    return PatchGaussianDetector(ext, n_features=cfg["n_features"], random_state=0,
+                                 batch_size=cfg["batch_size"], device=cfg["device"])
+
+
+def fit_worker(cfg):
+    set_threads(cfg["threads"])
+    import torch
+
+    torch.manual_seed(0)  # the same random weights in every process
+    base = current_rss_bytes()
+    det = _detector(cfg)
+    start = time.perf_counter()
+    det.fit(TextureTiles(cfg["n"], cfg["image_size"]))
+    return {"n_images": cfg["n"], "fit_s": time.perf_counter() - start,
+            "rss_base_mib": base / MIB, "peak_rss_mib": max_rss_bytes() / MIB}
+
+
+def run_fit(args):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.n:
+            cfg = dict(vars(args), n=n, func=None)
+            print(f"fitting on {n} images ...", flush=True)
+            rows.append(run_worker(__file__, cfg, tmp, args.threads, f"fit{n}"))
+    first = rows[0]["peak_rss_mib"]
+    for r in rows:
+        r["vs_first"] = r["peak_rss_mib"] / first
+    columns = ["n_images", "fit_s", "rss_base_mib", "peak_rss_mib", "vs_first"]
+    print(format_table(rows, columns))
+    name = f"memory_fit_{args.backbone}_rd{args.n_features}"
+    meta = {"config": {k: v for k, v in vars(args).items() if k != "func"},
+            "environment": environment(args.threads)}
+    write_results(name, rows, columns, meta)
+
+
+def run_stream(args):
+    set_threads(args.threads)
+    det = _detector(dict(vars(args)))
+    det.fit(TextureTiles(args.n_train, args.image_size, seed=1))
+    stream = (TextureTiles(args.n, args.image_size, seed=2)[i] for i in range(args.n))
+    rows, start = [], time.perf_counter()
+    for i, _ in enumerate(det.iter_anomaly_maps(stream), start=1):
+        if i % args.every == 0 or i == args.n:
+            rows.append({"images_scored": i, "rss_mib": current_rss_bytes() / MIB,
+                         "seconds": time.perf_counter() - start})
+            print(rows[-1], flush=True)
+    first = rows[0]["rss_mib"]
+    for r in rows:
+        r["vs_first"] = r["rss_mib"] / first
+    columns = ["images_scored", "seconds", "rss_mib", "vs_first"]
+    print(format_table(rows, columns))
+    meta = {"config": {k: v for k, v in vars(args).items() if k != "func"},
+            "environment": environment(args.threads),
+            "peak_rss_mib": max_rss_bytes() / MIB}
+    write_results(f"memory_stream_{args.backbone}_{args.n}", rows, columns, meta)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        cfg = json.loads(Path(argv[1]).read_text())
+        Path(cfg["result_path"]).write_text(json.dumps(fit_worker(cfg)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for mode, func in (("fit", run_fit), ("stream", run_stream)):
+        p = sub.add_parser(mode)
+        p.set_defaults(func=func)
+        p.add_argument("--backbone", default="efficientnet_lite0")
+        p.add_argument("--weights", default="default", help="'default', 'none' or a path")
+        p.add_argument("--n-features", type=int, default=100)
+        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--threads", type=int, default=2)
+    sub.choices["fit"].add_argument("--n", type=int, nargs="+", default=[200, 400])
+    sub.choices["stream"].add_argument("--n", type=int, default=10000)
+    sub.choices["stream"].add_argument("--n-train", type=int, default=50)
+    sub.choices["stream"].add_argument("--every", type=int, default=1000)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
