@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["iter_image_batches", "count_images", "ValidatedImages"]
+__all__ = ["iter_image_batches", "count_images", "image_shapes", "ValidatedImages"]
 
 
 def _is_path(obj):
@@ -150,6 +150,39 @@ class ValidatedImages(list):
     The detector converts and checks its input once, then hands batches to the
     feature extractor in this form so that they are not checked a second time.
     """
+
+
+def _shape_of(item, index):
+    if _is_path(item):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(item) as img:  # reads the header only
+                return img.size[1], img.size[0]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"X[{index}]: image file {str(item)!r} does not exist.") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"X[{index}]: cannot read image file {str(item)!r} ({exc}).") from exc
+    if isinstance(item, torch.Tensor):
+        return tuple(item.shape[-2:])
+    if hasattr(item, "convert") and hasattr(item, "size"):
+        return item.size[1], item.size[0]
+    shape = np.shape(item)
+    if len(shape) < 2:
+        raise ValueError(f"X[{index}]: expected an image, got shape {shape}.")
+    return tuple(shape[:2])
+
+
+def image_shapes(X):
+    """``(H, W)`` of every image in X, without decoding files."""
+    if isinstance(X, np.ndarray) and X.dtype != object and X.ndim >= 3:
+        return [tuple(X.shape[1:3])] * len(X)
+    if isinstance(X, torch.Tensor) and X.ndim == 4:
+        return [tuple(X.shape[2:])] * len(X)
+    shapes = [_shape_of(item, i) for i, item in enumerate(X)]
+    if not shapes:
+        raise ValueError("X: got 0 images; at least one is required.")
+    return shapes
 
 
 def count_images(X):

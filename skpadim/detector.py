@@ -294,7 +294,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         else:
             extractor = clone(
                 self.feature_extractor if self.feature_extractor is not None else TorchvisionExtractor()
-            ).fit()
+            ).fit(X)
         gaussian = PatchCovariance(
             shrinkage=self.shrinkage, device=self.device, dtype="float32",
             store_covariance=False, compact=self.compact,

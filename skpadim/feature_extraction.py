@@ -35,7 +35,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._device import resolve_device
-from ._images import iter_image_batches
+from ._images import image_shapes, iter_image_batches
 
 __all__ = ["TorchvisionExtractor", "PatchEmbeddings"]
 
@@ -296,6 +296,40 @@ def _natural_key(name):
     return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
+def auto_image_size(X, area=224 * 224, multiple=32):
+    """A resize target of about ``area`` pixels with the images' median proportions.
+
+    Parameters
+    ----------
+    X : images or None
+        Images in any format the extractors accept; for paths only the file
+        headers are read. ``None`` gives a square.
+    area : int, default=224 * 224
+        Number of pixels of the target.
+    multiple : int, default=32
+        Both sides are rounded to a multiple of this (the coarsest stride of
+        common backbones), and are at least this.
+
+    Returns
+    -------
+    size : tuple of int
+        ``(H, W)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> auto_image_size(np.zeros((3, 500, 1260), dtype=np.uint8))
+    (128, 352)
+    >>> auto_image_size(None)
+    (224, 224)
+    """
+    ratio = 1.0 if X is None else float(np.median([h / w for h, w in image_shapes(X)]))
+    side = np.sqrt(area)
+    h = max(multiple, int(round(side * np.sqrt(ratio) / multiple)) * multiple)
+    w = max(multiple, int(round(side / np.sqrt(ratio) / multiple)) * multiple)
+    return h, w
+
+
 def _embed_arrays(key, images, extractor):
     """Embeddings of numpy images (3, H, W); ``key`` identifies them for caching."""
     return extractor.embed([torch.from_numpy(img) for img in images]).cpu().numpy()
@@ -327,8 +361,13 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     download : bool, default=False
         Whether torchvision may download missing weights. Off by default so that
         nothing touches the network unless asked to.
-    image_size : int or tuple of int, default=224
+    image_size : int, tuple of int or "auto", default="auto"
         Size ``(H, W)`` every image is resized to (an int means square).
+        ``"auto"`` keeps the proportions of the training images: at :meth:`fit`,
+        a grid of about 224 x 224 pixels whose height/width is the median of
+        the training images' (rounded to multiples of 32), so that elongated
+        parts are not squashed; square images get 224 x 224, as in the paper.
+        Without images at fit, ``"auto"`` means 224 x 224.
     crop_size : int, tuple of int or None, default=None
         Centre crop taken after resizing (the paper resizes to 256, crops 224).
     mean, std : tuple of float or None, default=None
@@ -375,7 +414,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         "layers": [tuple, list, None],
         "weights": "no_validation",
         "download": ["boolean"],
-        "image_size": [Interval(numbers.Integral, 16, None, closed="left"), tuple, list],
+        "image_size": [Interval(numbers.Integral, 16, None, closed="left"), tuple, list,
+                       StrOptions({"auto"})],
         "crop_size": [Interval(numbers.Integral, 16, None, closed="left"), tuple, list, None],
         "mean": [tuple, list, None],
         "std": [tuple, list, None],
@@ -391,7 +431,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         *,
         weights="DEFAULT",
         download=False,
-        image_size=224,
+        image_size="auto",
         crop_size=None,
         mean=None,
         std=None,
@@ -435,12 +475,14 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     def fit(self, X=None, y=None):
         """Load the backbone and truncate it to the requested layers.
 
-        Nothing is learnt from ``X``: the backbone is pretrained.
+        The backbone is pretrained; from ``X`` only the image proportions are
+        read, and only when ``image_size="auto"``.
 
         Parameters
         ----------
-        X : ignored
-            Accepted for compatibility with scikit-learn pipelines.
+        X : images or None, default=None
+            Training images in any accepted format (for paths, only the file
+            headers are read).
         y : ignored
 
         Returns
@@ -451,7 +493,10 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         from torchvision.models.feature_extraction import create_feature_extractor
 
         self._validate_params()
-        resize = self._pair(self.image_size, "image_size")
+        if isinstance(self.image_size, str):
+            resize = auto_image_size(X)
+        else:
+            resize = self._pair(self.image_size, "image_size")
         crop = None if self.crop_size is None else self._pair(self.crop_size, "crop_size")
         if crop is not None and (crop[0] > resize[0] or crop[1] > resize[1]):
             raise ValueError(f"crop_size {crop} is larger than image_size {resize}.")
@@ -484,7 +529,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         lite = name in _LITE_NAMES
         self.mean_ = tuple(self.mean or (_LITE_MEAN if lite else _IMAGENET_MEAN))
         self.std_ = tuple(self.std or (_LITE_STD if lite else _IMAGENET_STD))
-        self._resize_shape, self._crop_box = resize, (
+        self.resize_shape_, self.crop_box_ = resize, (
             None
             if crop is None
             else ((resize[0] - crop[0]) // 2, (resize[1] - crop[1]) // 2, crop[0], crop[1])
@@ -497,7 +542,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         return self
 
     def _input_shape(self):
-        return self._resize_shape if self._crop_box is None else self._crop_box[2:]
+        return self.resize_shape_ if self.crop_box_ is None else self.crop_box_[2:]
 
     # -- extracting --------------------------------------------------------------
     def _features(self, x, device):
@@ -512,12 +557,12 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         resized = []
         for img in images:
             img = img.to(device)
-            if tuple(img.shape[1:]) != self._resize_shape:
-                img = TF.resize(img, list(self._resize_shape), antialias=True)
+            if tuple(img.shape[1:]) != self.resize_shape_:
+                img = TF.resize(img, list(self.resize_shape_), antialias=True)
             resized.append(img)
         x = torch.stack(resized)
-        if self._crop_box is not None:
-            top, left, h, w = self._crop_box
+        if self.crop_box_ is not None:
+            top, left, h, w = self.crop_box_
             x = x[:, :, top : top + h, left : left + w]
         mean = torch.tensor(self.mean_, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std_, device=device).view(1, 3, 1, 1)
@@ -571,8 +616,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         return PatchEmbeddings(
             np.concatenate(chunks),
             image_shapes=shapes,
-            resize_shape=self._resize_shape,
-            crop_box=self._crop_box,
+            resize_shape=self.resize_shape_,
+            crop_box=self.crop_box_,
         )
 
     def _feature_key(self):
@@ -584,7 +629,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         if weights is not None and _looks_like_path(weights):
             path = Path(weights)
             weights = (str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else str(weights)
-        return (backbone, str(weights), self.layers_, self._resize_shape, self._crop_box,
+        return (backbone, str(weights), self.layers_, self.resize_shape_, self.crop_box_,
                 self.mean_, self.std_)
 
     def __getstate__(self):

@@ -140,6 +140,7 @@ def save(model, path):
         config["extractor"] = {
             "params": {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS},
             "layers": list(extractor.layers_),
+            "resize_shape": list(extractor.resize_shape_),
         }
         for key, tensor in extractor.model_.state_dict().items():
             arrays[f"backbone/{key}"] = tensor.detach().cpu().numpy()
@@ -219,9 +220,9 @@ def _rebuild_extractor(description, arrays, path):
     # Build the architecture alone (no weights are looked for), read the same
     # layers as at save time, then put the stored weights in.
     weights = params.pop("weights")
-    extractor = TorchvisionExtractor(
-        weights=None, **{**params, "layers": tuple(description["layers"])}
-    ).fit()
+    # The size as resolved at fit ("auto" depends on the training images).
+    resolved = {"layers": tuple(description["layers"]), "image_size": tuple(description["resize_shape"])}
+    extractor = TorchvisionExtractor(weights=None, **{**params, **resolved}).fit()
     state = {
         k[len("backbone/"):]: torch.from_numpy(v)
         for k, v in arrays.items()
@@ -232,7 +233,7 @@ def _rebuild_extractor(description, arrays, path):
     except RuntimeError as exc:
         raise ModelFileError(f"{str(path)!r}: backbone weights do not fit ({exc}).") from exc
     # The parameters go back to what the user set, so that a refit behaves as before.
-    return extractor.set_params(weights=weights, layers=params["layers"])
+    return extractor.set_params(weights=weights, layers=params["layers"], image_size=params["image_size"])
 
 
 def load(path):

@@ -267,3 +267,43 @@ def test_compact_models_are_smaller_and_round_trip_exactly(tiny_extractor, norma
     loaded = pickle.loads(pickle.dumps(compact))
     np.testing.assert_array_equal(loaded.score_samples(test_images), compact.score_samples(test_images))
     np.testing.assert_allclose(compact.score_samples(test_images), full.score_samples(test_images), rtol=2e-3)
+
+
+def test_auto_image_size_keeps_the_training_proportions(normal_images):
+    from skpadim.feature_extraction import auto_image_size
+
+    wide = textured_images(6, size=96, seed=2)[:, :32]  # 32 x 96 images, height/width 1/3
+    assert auto_image_size(wide) == (128, 384)
+    ext = TorchvisionExtractor(TinyNet(), layers=("block1", "block2"), weights=None,
+                               image_size="auto").fit(wide)
+    assert ext.resize_shape_ == (128, 384)
+    emb = ext.transform(wide)
+    assert emb.shape[2:] == (64, 192) and emb.input_shape == (128, 384)  # stride 2
+    det = PatchGaussianDetector(ext, n_features=8, random_state=0).fit(wide)
+    assert det.input_shape_ == (128, 384)
+    assert det.anomaly_maps(wide[:2]).shape == (2, 32, 96)  # back at the input resolution
+    assert TorchvisionExtractor(TinyNet(), layers=("block1",), weights=None).fit().resize_shape_ == (224, 224)
+
+
+def test_very_elongated_images_of_mixed_sizes(tmp_path):
+    from PIL import Image
+
+    from skpadim.datasets import make_textures
+
+    rng = np.random.RandomState(0)
+    base = make_textures("gravel", n_train=1, n_test=1, image_size=512, random_state=0).X_train[0]
+    paths = []
+    for i in range(10):  # about 1:2.5, in three sizes, as on an inspection line
+        h = [100, 125, 150][i % 3]
+        y = rng.randint(0, 512 - h)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(base[y : y + h, : int(h * 2.52)]).save(paths[-1])
+    det = PatchGaussianDetector(
+        TorchvisionExtractor(TinyNet(), layers=("block1", "block2"), weights=None),
+        n_features=8, random_state=0).fit(paths)
+    h, w = det.input_shape_
+    assert 2.2 < w / h < 3.0
+    maps = det.anomaly_maps(paths[:3])
+    assert [m.shape for m in maps] == [(100, 252), (125, 315), (150, 378)]
+    with pytest.raises(ValueError, match="outside the range"):
+        det.score_samples([np.zeros((100, 100, 3), np.uint8)])
