@@ -479,6 +479,7 @@ class PatchCovariance(BaseEstimator):
             stop = start + step
             loc = torch.from_numpy(self.location_[start:stop]).to(device)
             diff = (Y[start:stop].to(device=device, dtype=dtype) - loc[:, None, :]).transpose(1, 2)
+            diff = diff.contiguous()  # batched products are much slower on strided operands
             if whitening is not None:
                 z = torch.bmm(whitening[start:stop].to(device), diff)
             else:
@@ -505,7 +506,7 @@ class PatchCovariance(BaseEstimator):
         for start in range(0, len(chol), step):
             block = chol[start : start + step]
             W[start : start + step] = torch.linalg.solve_triangular(
-                block, eye.expand(len(block), c, c), upper=False
+                block, eye.expand(len(block), c, c).contiguous(), upper=False
             )
         self._whitening = (self.cholesky_, W)
         return W
@@ -521,6 +522,7 @@ class PatchCovariance(BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_images, h, w)
+            ``-mahalanobis(X) ** 2``.
         """
         return -self.mahalanobis(X) ** 2
 

@@ -699,6 +699,7 @@ def load_mvtec(root, category=None):
         path : str
             Image file.
         split : {"train", "test"}
+            The split the image belongs to.
         label : int
             0 for a good image, 1 for a defective one.
         defect_type : str

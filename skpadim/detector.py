@@ -426,6 +426,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_images,)
+            Minus the maximum of each image's anomaly map.
         """
         scores = [-maps.flatten(1).amax(dim=1).cpu().numpy() for maps, _ in self._iter_maps(X)]
         return np.concatenate(scores).astype(np.float64)
@@ -441,6 +442,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         decision : ndarray of shape (n_images,)
+            Negative for images scored as anomalous.
         """
         return self.score_samples(X) - self.offset_
 
@@ -455,6 +457,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         labels : ndarray of shape (n_images,)
+            +1 for normal, -1 for anomalous.
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
@@ -471,6 +474,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         Returns
         -------
         labels : ndarray of shape (n_images,)
+            +1 for normal, -1 for anomalous.
         """
         return self.fit(X).predict(X)
 

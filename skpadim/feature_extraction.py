@@ -9,11 +9,13 @@ The feature-extractor interface
 -------------------------------
 :class:`~skpadim.PatchGaussianDetector` accepts any object with
 
-* ``fit(X, y=None)`` returning the fitted extractor, and
+* ``fit(X, y=None)`` returning the fitted extractor; the detector calls it with
+  the training images, in any format the detector accepts, and
 * ``transform(X)`` returning the embeddings of images ``X`` as an array of shape
   ``(n_images, n_channels, h, w)``, ideally a :class:`PatchEmbeddings` that also
   records each image's original size and the preprocessed size, so that anomaly maps
-  can be returned at the input resolution;
+  can be returned at the input resolution; the detector calls it batch by batch with
+  a list of float32 tensors ``(3, H, W)`` in [0, 1];
 
 plus ``get_params``/``set_params`` (derive from :class:`sklearn.base.BaseEstimator`)
 so that it can be cloned and searched over.
@@ -119,11 +121,33 @@ class PatchEmbeddings(np.ndarray):
         return out
 
     def rows(self, start, stop):
-        """Images ``start:stop`` with their geometry."""
+        """Images ``start:stop`` with their geometry.
+
+        Parameters
+        ----------
+        start, stop : int
+            Row range, as in ``slice(start, stop)``.
+
+        Returns
+        -------
+        embeddings : PatchEmbeddings
+            The selected rows and their image shapes.
+        """
         return self[start:stop]
 
     def take_rows(self, indices):
-        """The images at ``indices`` with their geometry."""
+        """The images at ``indices`` with their geometry.
+
+        Parameters
+        ----------
+        indices : array-like of int
+            Rows to take.
+
+        Returns
+        -------
+        embeddings : PatchEmbeddings
+            The selected rows and their image shapes.
+        """
         return self[np.asarray(indices)]
 
     def __reduce__(self):
@@ -398,6 +422,12 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         Total embedding size ``C``.
     grid_shape_ : tuple of int
         ``(h, w)`` of the embedding grid for one preprocessed image.
+    resize_shape_ : tuple of int
+        ``(H, W)`` every image is resized to (``image_size`` resolved).
+    crop_box_ : tuple of int or None
+        ``(top, left, height, width)`` of the centre crop, or None.
+    mean_, std_ : tuple of float
+        Normalisation used.
 
     Examples
     --------
@@ -452,16 +482,25 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         self.memory = memory
 
     # -- building ----------------------------------------------------------------
-    def _build_backbone(self):
+    def _build_backbone(self, weights="param"):
+        weights = self.weights if weights == "param" else weights
         if isinstance(self.backbone, torch.nn.Module):
             model = copy.deepcopy(self.backbone)
-            if self.weights not in (None, "DEFAULT"):
-                model.load_state_dict(_load_state_dict(self.weights))
+            if weights not in (None, "DEFAULT"):
+                model.load_state_dict(_load_state_dict(weights))
             return model, None
         name = self.backbone
         if name in _LITE_NAMES:
-            return _build_lite(name, self.weights), name
-        return _build_torchvision(name, self.weights, self.download), name
+            return _build_lite(name, weights), name
+        return _build_torchvision(name, weights, self.download), name
+
+    @staticmethod
+    def _trace(model, layers):
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # train/eval graphs differ: we use eval
+            return create_feature_extractor(model.eval(), return_nodes=list(layers)).eval()
 
     @staticmethod
     def _pair(size, what):
@@ -490,8 +529,6 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         self : TorchvisionExtractor
             The fitted extractor.
         """
-        from torchvision.models.feature_extraction import create_feature_extractor
-
         self._validate_params()
         if isinstance(self.image_size, str):
             resize = auto_image_size(X)
@@ -522,9 +559,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
                 f"include: {', '.join(shown)} (torchvision's get_graph_node_names lists "
                 "every node)."
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # train/eval graphs differ: we use eval
-            self.model_ = create_feature_extractor(model, return_nodes=list(layers)).eval()
+        self.model_ = self._trace(model, layers)
         self.layers_ = layers
         lite = name in _LITE_NAMES
         self.mean_ = tuple(self.mean or (_LITE_MEAN if lite else _IMAGENET_MEAN))
@@ -578,7 +613,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        embeddings : torch.Tensor of shape (n_images, n_channels_, h, w)
+        embeddings : torch.Tensor of shape (n_images, n_channels, h, w)
+            Concatenated multi-layer features on the first layer's grid.
         """
         check_is_fitted(self, "model_")
         device = resolve_device(self.device)
@@ -600,7 +636,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        embeddings : PatchEmbeddings of shape (n_images, n_channels_, h, w)
+        embeddings : PatchEmbeddings of shape (n_images, n_channels, h, w)
             float32 embeddings that also record each image's original size.
         """
         check_is_fitted(self, "model_")
@@ -633,10 +669,18 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
                 self.mean_, self.std_)
 
     def __getstate__(self):
-        # A model used on a GPU is pickled from a CPU copy, so that it loads on
-        # machines without one (the same idea as skorch's device handling).
+        # The traced module is pickled as its weights (on the CPU, so that a model
+        # used on a GPU loads without one, as skorch does) and rebuilt on load:
+        # pickling the graph itself recurses too deeply for joblib's pickler.
         state = self.__dict__.copy()
-        model = state.get("model_")
-        if model is not None and any(p.is_cuda for p in model.parameters()):
-            state["model_"] = copy.deepcopy(model).cpu()
+        model = state.pop("model_", None)
+        if model is not None:
+            state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return state
+
+    def __setstate__(self, state):
+        model_state = state.pop("_model_state", None)
+        self.__dict__.update(state)
+        if model_state is not None:
+            self.model_ = self._trace(self._build_backbone(weights=None)[0], self.layers_)
+            self.model_.load_state_dict(model_state)

@@ -20,12 +20,13 @@ pixel values, so thousands of 224 x 224 maps can be evaluated at once.
 
 For model selection, :data:`pixel_auroc_scorer`, :data:`aupro_scorer` and
 :func:`make_pixel_scorer` build ``scoring=`` callables for estimators with an
-``anomaly_maps(X)`` method; they take the ground-truth masks as ``y``. No
-image-level scorer is needed: scikit-learn's ``"roc_auc"`` scorer uses
-``decision_function``, which is higher for *normal* images, so pass labels
-in which the normal class is the greater one (e.g. +1 normal, -1 anomalous,
-as returned by ``predict``); the result equals :func:`image_auroc` with
-1 = anomalous.
+``anomaly_maps(X)`` method; they take the ground-truth masks as ``y``.
+:data:`image_auroc_scorer` and :data:`image_average_precision_scorer` score
+images from ``-score_samples`` with the usual labels (1 = anomalous).
+scikit-learn's ``"roc_auc"`` scorer reads ``decision_function``, which is
+higher for *normal* images, so it needs labels in which the normal class is
+the greater one (+1 normal, -1 anomalous, as returned by ``predict``); it
+then equals :func:`image_auroc` with 1 = anomalous.
 """
 
 import numbers

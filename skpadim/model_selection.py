@@ -121,5 +121,6 @@ class NormalOnlyKFold(BaseCrossValidator):
         Returns
         -------
         n_splits : int
+            The ``n_splits`` parameter.
         """
         return self.n_splits

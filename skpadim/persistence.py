@@ -29,7 +29,7 @@ from .covariance import PatchCovariance
 from .detector import PatchGaussianDetector
 from .feature_extraction import TorchvisionExtractor
 
-__all__ = ["save", "load", "FORMAT_VERSION"]
+__all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 
 #: Version of the file layout written by :func:`save`; :func:`load` refuses newer ones.
 FORMAT_VERSION = 1
@@ -42,7 +42,21 @@ _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", 
 
 
 class ModelFileError(ValueError):
-    """A model file is unreadable, altered, truncated, or of an unknown format."""
+    """A model file is unreadable, altered, truncated, or of an unknown format.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from skpadim import load
+    >>> path = os.path.join(tempfile.mkdtemp(), "not-a-model.npz")
+    >>> with open(path, "wb") as f:
+    ...     _ = f.write(b"garbage")
+    >>> try:
+    ...     load(path)
+    ... except ModelFileError as exc:
+    ...     print(type(exc).__name__)
+    ModelFileError
+    """
 
 
 def _jsonable(value, name):

@@ -120,3 +120,13 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
 def test_doctests():
     result = doctest.testmod(skpadim.persistence)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_joblib_round_trip_of_the_default_backbone(fitted_lite, tmp_path):
+    import joblib
+
+    det, X = fitted_lite
+    joblib.dump(det, tmp_path / "det.joblib")
+    loaded = joblib.load(tmp_path / "det.joblib")
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    np.testing.assert_array_equal(loaded.anomaly_maps(X), det.anomaly_maps(X))
