@@ -5,7 +5,7 @@ cache of ``TorchvisionExtractor(memory=...)`` is for: without it the backbone ru
 again for every candidate and fold; with it, once per image. Both searches run in
 this process, on the same images, folds and thread count, so their ratio is fair.
 
-    python benchmarks/grid_cache.py [--n-train 40] [--n-test 40] [--image-size 128]
+    python benchmarks/grid_cache.py [--n-train 40] [--n-test 40] [--image-size 224]
 """
 
 import argparse
@@ -43,7 +43,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=40)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--texture", default="brick")
     args = parser.parse_args(argv)
 

@@ -307,3 +307,10 @@ def test_very_elongated_images_of_mixed_sizes(tmp_path):
     assert [m.shape for m in maps] == [(100, 252), (125, 315), (150, 378)]
     with pytest.raises(ValueError, match="outside the range"):
         det.score_samples([np.zeros((100, 100, 3), np.uint8)])
+
+
+def test_feature_extraction_doctests():
+    import skpadim.feature_extraction
+
+    result = doctest.testmod(skpadim.feature_extraction)
+    assert result.attempted > 0 and result.failed == 0
