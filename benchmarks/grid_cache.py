@@ -11,6 +11,7 @@ this process, on the same images, folds and thread count, so their ratio is fair
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import GridSearchCV
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402,F401  (puts this checkout on sys.path)
 from skpadim import PatchGaussianDetector, TorchvisionExtractor
 from skpadim.datasets import make_textures
 from skpadim.metrics import image_auroc_scorer
