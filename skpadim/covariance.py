@@ -2,11 +2,11 @@
 Cholesky factors and Mahalanobis maps.
 
 Every patch position ``(i, j)`` of the feature grid gets its own multivariate
-Gaussian over the ``C`` embedding channels. Fitting streams: a batch of embeddings
-is reduced to sufficient statistics (count, mean, centred scatter matrix and the
-two higher moments that Ledoit-Wolf needs), which are merged into the running
-totals with centred updates, so memory does not grow with the number of images
-and float32 inputs with a large mean lose no precision.
+Gaussian over the ``C`` embedding channels. Fitting streams: each batch of
+embeddings is added to running sums (count, first and second moments, and the two
+higher moments that Ledoit-Wolf needs) taken about the first batch's mean, so
+memory does not grow with the number of images and float32 inputs with a large
+mean lose no precision.
 
 The math lives in plain functions over torch tensors shaped ``(P, ...)``, one entry
 per position, so that whole chunks of positions are processed by batched matrix
@@ -34,73 +34,64 @@ _WHITENING_BYTES = 1 * 2**30
 
 
 class _Moments:
-    """Centred sufficient statistics of a set of vectors, one set per position.
+    """Sufficient statistics of a set of vectors, one set per position, streamed.
 
-    For each position with samples ``x_k`` and mean ``m`` (``y_k = x_k - m``):
-    ``n`` samples, ``mean = m``, ``m2 = sum y y^T``, ``t = sum |y|^2 y`` and
-    ``q = sum |y|^4``. ``t`` and ``q`` are what Ledoit-Wolf needs beyond the
-    covariance; ``t`` is only needed to move ``q`` to a new centre when merging.
-    All are float64 except ``m2``, which may be float32 to halve the memory.
+    Sums are taken about a fixed reference ``ref`` per position, the mean of the
+    first batch: with ``y_k = x_k - ref``, ``n`` samples, ``s1 = sum y``,
+    ``s2 = sum y y^T``, ``t = sum |y|^2 y`` and ``q = sum |y|^4``. Because the
+    reference is already close to the mean, the final centring subtracts small
+    corrections and loses no precision (the "shifted data" algorithm), while a
+    batch costs one accumulating matrix product: no merge passes over the
+    matrices. ``s2`` may be float32 to halve the memory; the rest is float64.
     """
 
-    def __init__(self, n, mean, m2, t, q):
-        self.n, self.mean, self.m2, self.t, self.q = n, mean, m2, t, q
+    def __init__(self, n, ref, s1, s2, t, q):
+        self.n, self.ref, self.s1, self.s2, self.t, self.q = n, ref, s1, s2, t, q
 
     @classmethod
-    def zeros(cls, p, c, m2_dtype, device):
+    def zeros(cls, p, c, s2_dtype, device):
         f64 = dict(dtype=torch.float64, device=device)
         return cls(
             0,
+            None,
             torch.zeros((p, c), **f64),
-            torch.zeros((p, c, c), dtype=m2_dtype, device=device),
+            torch.zeros((p, c, c), dtype=s2_dtype, device=device),
             torch.zeros((p, c), **f64),
             torch.zeros((p,), **f64),
         )
 
     def copy(self):
-        return _Moments(self.n, *(x.clone() for x in (self.mean, self.m2, self.t, self.q)))
+        return _Moments(self.n, *(None if x is None else x.clone()
+                                  for x in (self.ref, self.s1, self.s2, self.t, self.q)))
 
-    @classmethod
-    def of_batch(cls, Y):
-        """Statistics of ``Y`` with shape ``(P, n, C)`` (float64)."""
-        n = Y.shape[1]
-        mean = Y.mean(dim=1)
-        Yc = (Y - mean[:, None, :]).contiguous()
-        m2 = torch.bmm(Yc.transpose(1, 2), Yc)
-        sq = (Yc * Yc).sum(dim=2)  # (P, n): |y_k|^2
-        t = torch.bmm(sq[:, None, :], Yc)[:, 0, :]
-        q = (sq * sq).sum(dim=1)
-        return cls(n, mean, m2, t, q)
+    def add_chunk(self, sl, X):
+        """Add samples ``X`` (float64, shape (P_chunk, n, C)) of positions ``sl``."""
+        Y = X - self.ref[sl][:, None, :]
+        self.s1[sl] += Y.sum(dim=1)
+        Ys = Y.to(self.s2.dtype)
+        self.s2[sl].baddbmm_(Ys.transpose(1, 2), Ys)
+        sq = (Y * Y).sum(dim=2)  # (P, n): |y_k|^2
+        self.t[sl] += torch.bmm(sq[:, None, :], Y)[:, 0, :]
+        self.q[sl] += (sq * sq).sum(dim=1)
 
-    @staticmethod
-    def _shifted(n, m2, t, q, d):
-        """Statistics about ``mean + d`` instead of ``mean`` (``d``: (P, C))."""
-        tr = torch.diagonal(m2, dim1=1, dim2=2).sum(dim=1)
-        m2d = torch.bmm(m2, d[:, :, None])[:, :, 0]
-        dd = (d * d).sum(dim=1)
-        m2_new = m2 + n * d[:, :, None] * d[:, None, :]
-        t_new = t - 2 * m2d - (tr + n * dd)[:, None] * d
-        q_new = (
-            q + 4 * (d * m2d).sum(dim=1) + n * dd * dd - 4 * (d * t).sum(dim=1) + 2 * dd * tr
-        )
-        return m2_new, t_new, q_new
+    def centred(self, sl):
+        """``(mean, m2, q)`` of positions ``sl`` about their own mean, in float64.
 
-    def merge_chunk(self, sl, other):
-        """Merge ``other`` (float64 statistics of positions ``sl``) in place.
-
-        Both sets are moved to the combined mean and added (Chan et al.'s pairwise
-        update, extended to the third and fourth moments).
+        ``m2 = sum (x - mean)(x - mean)^T`` and ``q = sum |x - mean|^4``, from the
+        sums about ``ref`` moved by ``d = mean - ref``.
         """
-        n_a, n_b = self.n, other.n
-        n = n_a + n_b
-        mean_a = self.mean[sl]
-        mean = mean_a + (other.mean - mean_a) * (n_b / n)
-        a = self._shifted(n_a, self.m2[sl].to(torch.float64), self.t[sl], self.q[sl], mean - mean_a)
-        b = self._shifted(n_b, other.m2, other.t, other.q, mean - other.mean)
-        self.mean[sl] = mean
-        self.m2[sl] = (a[0] + b[0]).to(self.m2.dtype)
-        self.t[sl] = a[1] + b[1]
-        self.q[sl] = a[2] + b[2]
+        n = self.n
+        d = self.s1[sl] / n
+        s2 = self.s2[sl].to(torch.float64)
+        m2 = s2 - n * d[:, :, None] * d[:, None, :]
+        dd = (d * d).sum(dim=1)
+        s2d = torch.bmm(s2, d[:, :, None])[:, :, 0]
+        tr = torch.diagonal(s2, dim1=1, dim2=2).sum(dim=1)
+        q = (
+            self.q[sl] - 4 * (d * self.t[sl]).sum(dim=1) + 4 * (d * s2d).sum(dim=1)
+            + 2 * dd * tr - 3 * n * dd * dd
+        )
+        return self.ref[sl] + d, m2, q
 
 
 def ledoit_wolf_shrinkage_from_moments(n, m2, q):
@@ -211,8 +202,8 @@ class PatchCovariance(BaseEstimator):
     dtype : {"float32", "float64"}, default="float32"
         Precision of the stored location, covariance and Cholesky factors, and of
         the running scatter matrices (the one large statistic; everything else
-        accumulates in float64, and each batch is reduced in float64 before a
-        centred merge, so float32 loses no digits to large means).
+        accumulates in float64, and the sums are taken about the first batch's
+        mean, so float32 loses no digits to large means).
     store_covariance : bool, default=True
         Whether to keep ``covariance_``; scoring needs only ``cholesky_``, so
         turning it off halves the fitted size.
@@ -367,8 +358,8 @@ class PatchCovariance(BaseEstimator):
     def _accumulate(self, moments, X):
         """Merge the statistics of batch X into ``moments`` (None to start afresh).
 
-        The batch is reduced a chunk of positions at a time, in float64, and merged
-        into the running statistics in place, so temporaries stay chunk-sized.
+        The batch is added a chunk of positions at a time, in place, so
+        temporaries stay chunk-sized.
         """
         device = resolve_device(self.device)
         n, c = X.shape[:2]
@@ -376,15 +367,21 @@ class PatchCovariance(BaseEstimator):
         if moments is None:
             moments = _Moments.zeros(Y.shape[0], c, self._m2_dtype(), device)
         step = _chunk_size(n, c)
+        if moments.ref is None:
+            # The first batch's mean is the reference the sums are taken about.
+            moments.ref = torch.cat([
+                Y[start : start + step].to(device=device, dtype=torch.float64).mean(dim=1)
+                for start in range(0, Y.shape[0], step)
+            ])
         for start in range(0, Y.shape[0], step):
             chunk = Y[start : start + step].to(device=device, dtype=torch.float64)
-            moments.merge_chunk(slice(start, start + step), _Moments.of_batch(chunk))
+            moments.add_chunk(slice(start, start + step), chunk)
         moments.n += n
         return moments
 
     def _m2_dtype(self):
-        # The scatter matrices are the only large statistic; centred merges keep
-        # float32 accurate, and float64 is there for exact comparisons.
+        # The scatter matrices are the only large statistic; sums about a nearby
+        # reference keep float32 accurate, and float64 is there for exact comparisons.
         return torch.float64 if self.dtype == "float64" else torch.float32
 
     def _finalize(self, moments, shape, consume=False):
@@ -395,7 +392,7 @@ class PatchCovariance(BaseEstimator):
         set of matrices rather than three.
         """
         n = moments.n
-        p, c = moments.mean.shape
+        p, c = moments.s1.shape
         if self.shrinkage != "ledoit-wolf":
             if n < 2:
                 raise ValueError(
@@ -410,18 +407,20 @@ class PatchCovariance(BaseEstimator):
                     UserWarning,
                 )
         out_dtype = torch.float64 if self.dtype == "float64" else torch.float32
-        chol = moments.m2 if consume and moments.m2.dtype == out_dtype else torch.empty(
-            (p, c, c), dtype=out_dtype, device=moments.m2.device
+        chol = moments.s2 if consume and moments.s2.dtype == out_dtype else torch.empty(
+            (p, c, c), dtype=out_dtype, device=moments.s2.device
         )
         cov_out = np.empty((p, c, c), dtype=self.dtype) if self.store_covariance else None
         shrink = torch.full((p,), float("nan"), dtype=torch.float64)
-        eye = torch.eye(c, dtype=torch.float64, device=moments.m2.device)
+        eye = torch.eye(c, dtype=torch.float64, device=moments.s2.device)
+        location = torch.empty((p, c), dtype=torch.float64)
         step = _chunk_size(0, c)
         for start in range(0, p, step):
             sl = slice(start, start + step)
-            m2 = moments.m2[sl].to(torch.float64)
+            mean, m2, q = moments.centred(sl)
+            location[sl] = mean.cpu()
             if self.shrinkage == "ledoit-wolf":
-                s = ledoit_wolf_shrinkage_from_moments(n, m2, moments.q[sl])
+                s = ledoit_wolf_shrinkage_from_moments(n, m2, q)
                 S = m2 / n
                 mu = torch.diagonal(S, dim1=1, dim2=2).sum(dim=1) / c
                 cov = (1 - s)[:, None, None] * S + (s * mu)[:, None, None] * eye
@@ -436,7 +435,7 @@ class PatchCovariance(BaseEstimator):
             chol[sl] = factor.to(out_dtype)
         # C order: a layout that changed after a pickle round trip would change the
         # floating-point results of the triangular solves.
-        self.location_ = np.ascontiguousarray(moments.mean.cpu().numpy(), dtype=self.dtype)
+        self.location_ = np.ascontiguousarray(location.numpy(), dtype=self.dtype)
         self.cholesky_ = np.ascontiguousarray(chol.cpu().numpy())
         if cov_out is not None:
             self.covariance_ = cov_out
@@ -534,7 +533,8 @@ class PatchCovariance(BaseEstimator):
         moments = state.get("_moments")
         if moments is not None:
             state["_moments"] = _Moments(
-                moments.n, *(x.cpu() for x in (moments.mean, moments.m2, moments.t, moments.q))
+                moments.n,
+                *(x.cpu() for x in (moments.ref, moments.s1, moments.s2, moments.t, moments.q)),
             )
         if self.compact and "cholesky_" in state:
             # Only the lower triangle, in float16: what compact promises on disk.

@@ -190,13 +190,13 @@ def test_doctests():
 
 
 def test_float32_accumulation_with_large_mean_stays_accurate():
-    # The default stores the running scatter matrices in float32; centred merges of
-    # float64 batch statistics keep them accurate even for values around 1e3.
+    # The default stores the running scatter matrices in float32; sums about the
+    # first batch's mean keep them accurate even for values around 1e3.
     X = _embeddings(n=64, mean=1e3, dtype=np.float32, seed=6)
     streamed = PatchCovariance()
     for start in range(0, 64, 5):
         streamed.partial_fit(X[start : start + 5])
-    assert streamed._moments.m2.dtype == torch.float32
+    assert streamed._moments.s2.dtype == torch.float32
     for p, samples in enumerate(_per_position(X)):
         ref = LedoitWolf().fit(samples)
         scale = np.abs(ref.covariance_).max()
