@@ -27,6 +27,10 @@ __all__ = ["PatchGaussianDetector"]
 # Images whose height/width ratio lies this far outside the training images'
 # range would be distorted differently by the resize than the training images.
 _ASPECT_TOLERANCE = 0.1
+# n_features="auto" keeps at most this many channels: all of the default
+# EfficientNet-Lite0 extractor's 176, and a random subset of wider backbones,
+# whose per-position covariances would otherwise grow with the square.
+_AUTO_MAX_FEATURES = 200
 
 
 def gaussian_blur(maps, sigma):
@@ -56,6 +60,28 @@ def gaussian_blur(maps, sigma):
     return out
 
 
+def pool_embeddings(emb, size):
+    """Average each embedding with its ``size x size`` neighbours (stride 1).
+
+    Every patch then describes its neighbourhood, not only its own receptive
+    field: a small misalignment between parts moves a feature less than a
+    patch, and an isolated noisy activation weighs less. Borders average over
+    the neighbours that exist, so the grid keeps its shape.
+    """
+    if size == 1:
+        return emb
+    return F.avg_pool2d(emb, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
+def image_scores_from_maps(maps, image_score):
+    """Anomaly score of each map ``(n, H, W)``: its maximum or its top-fraction mean."""
+    flat = maps.flatten(1)
+    if image_score == "max":
+        return flat.amax(dim=1)
+    k = max(1, int(round(float(image_score) * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
 def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
     """A map on the preprocessed image -> a map on the original image."""
     amap = amap[None, None]
@@ -80,13 +106,18 @@ def _normal_only(X, y, n_images):
     keep = np.flatnonzero(normal)
     if len(keep) == n_images:
         return X, n_images
+    return _take_images(X, keep), len(keep)
+
+
+def _take_images(X, keep):
+    """The images ``keep`` (indices) of X, whatever container X is."""
     if isinstance(X, PatchEmbeddings):
         X = X.take_rows(keep)
     elif isinstance(X, (np.ndarray, torch.Tensor)):
         X = X[keep]
     else:
         X = [X[i] for i in keep]
-    return X, len(keep)
+    return X
 
 
 class PatchGaussianDetector(OutlierMixin, BaseEstimator):
@@ -106,16 +137,29 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         come with pip. It is cloned at fit. When ``X`` is already a
         :class:`~skpadim.PatchEmbeddings` (the detector as the last step of a
         :class:`~sklearn.pipeline.Pipeline` after an extractor) it is not used.
-    n_features : int or None, default=100
+    n_features : int, "auto" or None, default="auto"
         Number of embedding channels kept, drawn at random without replacement
-        from ``random_state`` as in the paper (Rd100, Rd550). ``None`` keeps all.
+        from ``random_state`` as in the paper (Rd100, Rd550). ``None`` keeps all;
+        ``"auto"`` keeps all up to 200 and draws 200 at random from more (all 176
+        of the default extractor; the Gaussians' size grows with the square of
+        this number).
     shrinkage : "ledoit-wolf" or float, default="ledoit-wolf"
         Covariance regularisation per position: the Ledoit-Wolf estimate, or a
         fixed ``eps`` added to the diagonal of the sample covariance (the paper's
         ``Sigma + 0.01 I``). See :class:`~skpadim.PatchCovariance`.
+    pooling : odd int, default=3
+        Size of the neighbourhood each embedding is averaged over (stride 1)
+        before the Gaussians are fitted and distances taken, so that a patch
+        describes its surroundings and small misalignments between parts matter
+        less. 1 disables it (the paper's recipe).
     sigma : float, default=4.0
         Standard deviation, in pixels of the preprocessed image, of the Gaussian
         smoothing of the anomaly maps (4 as in the paper); 0 disables it.
+    image_score : "max" or float in (0, 1], default=0.01
+        How an image's anomaly score is read from its map (on the preprocessed
+        frame): ``"max"``, the map's maximum (the paper's recipe), or a float
+        ``f``, the mean of the highest fraction ``f`` of the map's values, which
+        one stray hot pixel moves less than the maximum.
     contamination : float in [0, 0.5], default=0.01
         Expected fraction of anomalous images, used to place the decision
         threshold: ``offset_`` is the ``contamination`` quantile of the training
@@ -123,6 +167,12 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         held-out set of normal images gives a better threshold (set ``offset_``
         from it, or use a calibrated threshold of your own on
         :meth:`score_samples`).
+    trim : float in [0, 0.5), default=0.0
+        Fraction of the training images left out of a second fit: those whose
+        in-sample anomaly scores are highest. A remedy for training folders
+        that hold a few defective images (the first fit learns them as normal,
+        but they still stand out); it costs two more passes over the training
+        images. 0 fits once on all of them.
     batch_size : int, default=32
         Images per batch; bounds the memory of fit and scoring.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -151,6 +201,9 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         ``(H, W)`` of the preprocessed images, the frame of the unresized maps.
     aspect_range_ : tuple of float
         Smallest and largest height/width ratio of the training images.
+    trimmed_indices_ : ndarray of int
+        Indices (into the normal training images) of the images left out by
+        ``trim``; empty when ``trim=0``.
     fitted_on_embeddings_ : bool
         True when ``fit`` received patch embeddings rather than images.
 
@@ -174,9 +227,12 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
 
     _parameter_constraints = {
         "feature_extractor": [HasMethods(["fit", "transform"]), None],
-        "n_features": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "n_features": [Interval(numbers.Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "shrinkage": [StrOptions({"ledoit-wolf"}), Interval(numbers.Real, 0, None, closed="left")],
+        "pooling": [Interval(numbers.Integral, 1, None, closed="left")],
         "sigma": [Interval(numbers.Real, 0, None, closed="left")],
+        "image_score": [StrOptions({"max"}), Interval(numbers.Real, 0, 1, closed="right")],
+        "trim": [Interval(numbers.Real, 0, 0.5, closed="left")],
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="both")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
@@ -188,10 +244,13 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         self,
         feature_extractor=None,
         *,
-        n_features=100,
+        n_features="auto",
         shrinkage="ledoit-wolf",
+        pooling=3,
         sigma=4.0,
+        image_score=0.01,
         contamination=0.01,
+        trim=0.0,
         batch_size=32,
         device="auto",
         compact=False,
@@ -200,8 +259,11 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         self.feature_extractor = feature_extractor
         self.n_features = n_features
         self.shrinkage = shrinkage
+        self.pooling = pooling
         self.sigma = sigma
+        self.image_score = image_score
         self.contamination = contamination
+        self.trim = trim
         self.batch_size = batch_size
         self.device = device
         self.compact = compact
@@ -247,7 +309,11 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 f"X: embeddings have {emb.shape[1]} channels but the detector was fitted "
                 f"on {self.n_features_in_}."
             )
-        return np.asarray(emb)[:, self.channel_indices_]
+        return self._pooled(np.asarray(emb)[:, self.channel_indices_])
+
+    def _pooled(self, selected):
+        selected = torch.from_numpy(np.ascontiguousarray(selected))
+        return pool_embeddings(selected, int(self.pooling))
 
     # -- fit -------------------------------------------------------------------
     def fit(self, X, y=None):
@@ -288,6 +354,11 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
             )
+        if self.pooling % 2 == 0:
+            raise ValueError(
+                f"pooling must be odd so that a neighbourhood is centred on its patch; got "
+                f"{self.pooling}."
+            )
         on_embeddings = isinstance(X, PatchEmbeddings)
         if on_embeddings:
             extractor = None
@@ -295,31 +366,10 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             extractor = clone(
                 self.feature_extractor if self.feature_extractor is not None else TorchvisionExtractor()
             ).fit(X)
-        gaussian = PatchCovariance(
-            shrinkage=self.shrinkage, device=self.device, dtype="float32",
-            store_covariance=False, compact=self.compact,
-        )
-        gaussian._validate_params()
-        moments, channels, aspects = None, None, []
-        for emb in self._embedding_batches(X, extractor):
-            if channels is None:
-                channels = self._draw_channels(emb.shape[1])
-                n_channels, input_shape = emb.shape[1], emb.input_shape
-            elif emb.shape[1] != n_channels:
-                raise ValueError(
-                    f"The feature extractor returned {emb.shape[1]} channels for one batch "
-                    f"and {n_channels} for another."
-                )
-            aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
-            selected = torch.from_numpy(np.ascontiguousarray(np.asarray(emb)[:, channels]))
-            selected = gaussian._check_embeddings(selected, reset=True)
-            moments = gaussian._accumulate(moments, selected)
-        gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
-        del moments
+        gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
 
         # The new state is assembled on a copy and only then written onto self,
         # so that a fit failing part way leaves a previously fitted detector intact.
-        aspects = np.concatenate(aspects)
         fitted = clone(self)
         fitted.feature_extractor_ = extractor
         fitted.fitted_on_embeddings_ = on_embeddings
@@ -330,23 +380,61 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         fitted.aspect_range_ = (float(aspects.min()), float(aspects.max()))
         fitted.offset_ = 0.0  # provisional: the threshold pass scores with it
         train_scores = fitted.score_samples(X)
+        fitted.trimmed_indices_ = np.array([], dtype=np.intp)
+        n_trim = int(np.floor(self.trim * n_images))
+        if n_trim and n_images - n_trim >= 2:
+            # A defective training image was learnt as normal but still scores
+            # among the worst in-sample: refit without the n_trim worst ones.
+            order = np.argsort(train_scores, kind="stable")
+            fitted.trimmed_indices_ = np.sort(order[:n_trim])
+            kept = _take_images(X, np.sort(order[n_trim:]))
+            fitted.gaussian_ = self._fit_gaussian(kept, extractor, channels)[0]
+            train_scores = fitted.score_samples(X)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         self.__dict__.update(
             {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
         )
         return self
 
+    def _fit_gaussian(self, X, extractor, channels=None):
+        """One streaming pass: the per-position Gaussian of X's (pooled) embeddings."""
+        gaussian = PatchCovariance(
+            shrinkage=self.shrinkage, device=self.device, dtype="float32",
+            store_covariance=False, compact=self.compact,
+        )
+        gaussian._validate_params()
+        moments, n_channels, aspects = None, None, []
+        for emb in self._embedding_batches(X, extractor):
+            if n_channels is None:
+                n_channels, input_shape = emb.shape[1], emb.input_shape
+                if channels is None:
+                    channels = self._draw_channels(n_channels)
+            elif emb.shape[1] != n_channels:
+                raise ValueError(
+                    f"The feature extractor returned {emb.shape[1]} channels for one batch "
+                    f"and {n_channels} for another."
+                )
+            aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
+            selected = self._pooled(np.asarray(emb)[:, channels])
+            selected = gaussian._check_embeddings(selected, reset=True)
+            moments = gaussian._accumulate(moments, selected)
+        gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
+        return gaussian, channels, n_channels, input_shape, np.concatenate(aspects)
+
     def _draw_channels(self, n_channels):
-        if self.n_features is None:
+        n_features = self.n_features
+        if n_features == "auto":
+            n_features = None if n_channels <= _AUTO_MAX_FEATURES else _AUTO_MAX_FEATURES
+        if n_features is None:
             return np.arange(n_channels)
-        if self.n_features > n_channels:
+        if n_features > n_channels:
             raise ValueError(
                 f"n_features={self.n_features} is larger than the {n_channels} channels the "
                 "feature extractor produces; use n_features <= "
                 f"{n_channels} or None to keep all."
             )
         rng = check_random_state(self.random_state)
-        return np.sort(rng.choice(n_channels, self.n_features, replace=False))
+        return np.sort(rng.choice(n_channels, n_features, replace=False))
 
     # -- maps and scores -----------------------------------------------------
     def _iter_maps(self, X):
@@ -428,7 +516,10 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n_images,)
             Minus the maximum of each image's anomaly map.
         """
-        scores = [-maps.flatten(1).amax(dim=1).cpu().numpy() for maps, _ in self._iter_maps(X)]
+        scores = [
+            -image_scores_from_maps(maps, self.image_score).cpu().numpy()
+            for maps, _ in self._iter_maps(X)
+        ]
         return np.concatenate(scores).astype(np.float64)
 
     def decision_function(self, X):

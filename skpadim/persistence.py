@@ -35,8 +35,11 @@ __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 FORMAT_VERSION = 1
 _MAGIC = "skpadim-detector"
 
-_DETECTOR_PARAMS = ("n_features", "shrinkage", "sigma", "contamination", "batch_size", "device",
-                    "compact", "random_state")
+_DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "contamination",
+                    "trim", "batch_size", "device", "compact", "random_state")
+# Files written before these parameters existed were fitted with the paper's
+# recipe, which is what these values give back.
+_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "trim": 0.0}
 _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
                      "batch_size", "device")
 
@@ -126,6 +129,7 @@ def save(model, path):
         "location": model.gaussian_.location_,
         "cholesky": model.gaussian_.cholesky_,
         "shrinkage": model.gaussian_.shrinkage_,
+        "trimmed_indices": np.asarray(model.trimmed_indices_, dtype=np.int64),
     }
     config = {
         "format": _MAGIC,
@@ -278,7 +282,7 @@ def load(path):
     config, arrays = _read(path)
     _check(config, arrays, path)
     fitted = config["fitted"]
-    params = dict(config["detector"])
+    params = {**_DETECTOR_PARAM_FALLBACKS, **config["detector"]}
     det = PatchGaussianDetector(**params)
     if config["extractor"] is not None:
         det.feature_extractor_ = _rebuild_extractor(config["extractor"], arrays, path)
@@ -298,6 +302,7 @@ def load(path):
     det.gaussian_ = gaussian
     det.channel_indices_ = arrays["channel_indices"]
     det.offset_ = fitted["offset"]
+    det.trimmed_indices_ = arrays.get("trimmed_indices", np.array([], dtype=np.int64))
     det.n_features_in_ = fitted["n_features_in"]
     det.input_shape_ = tuple(fitted["input_shape"])
     det.aspect_range_ = tuple(fitted["aspect_range"])
