@@ -236,11 +236,28 @@ def main(argv=None):
         train = frame[frame.split == "train"]
         test = frame[frame.split == "test"].reset_index(drop=True)
         if args.max_train:
+            # Spread the subset over the aspect ratios, so that it spans the training
+            # range: the detector refuses test images far outside it.
+            from PIL import Image
+
+            ratios = [Image.open(p).height / Image.open(p).width for p in train.path]
+            train = train.iloc[np.argsort(ratios, kind="stable")]
             train = train.iloc[common.spaced_indices(len(train), args.max_train)]
         val = split_halves(test)
         runs = [(c, 0.0, 0.0) for c in args.configs]
         runs += [(name, frac, trim) for frac in args.contaminate for name, trim in
                  (("defaults", 0.0), ("defaults", frac))]  # fmt: skip
+        name = "_".join(common.slug(p) for p in ("accuracy", dataset, args.tag) if p)
+        if args.contaminate:
+            name += "_contamination"
+        meta = {"benchmark": "accuracy",
+                "config": {k: v for k, v in vars(args).items() if k != "worker"},
+                "split_seed": SPLIT_SEED, "configs": {k: CONFIGS[k] for k in args.configs},
+                "environment": env}  # fmt: skip
+
+        def save(rows):
+            return common.write_results(name, rows, COLUMNS, meta, args.results_dir)
+
         rows = []
         for i, (config, frac, trim) in enumerate(runs):
             keep = np.ones(len(test), bool)
@@ -264,18 +281,13 @@ def main(argv=None):
             result = common.run_worker(__file__, cfg, tmp, threads, f"run{i}")
             rows.append(result)
             print(common.format_table([result], COLUMNS, HEADERS), flush=True)
+            save(rows)  # after every run: a long study that is cut short keeps its rows
     print()
     print(f"{dataset}: test split per defect type into val / final halves (seed {SPLIT_SEED}); "
           "AUROCs and AUPRO@0.3 in %. fit s: both passes of fit (statistics, threshold; "
           "trim adds two), images decoded from disk; im/s: anomaly maps at image resolution.")  # fmt: skip
     print(common.format_table(rows, COLUMNS, HEADERS))
-    name = "_".join(common.slug(p) for p in ("accuracy", dataset, args.tag) if p)
-    if args.contaminate:
-        name += "_contamination"
-    meta = {"benchmark": "accuracy", "config": {k: v for k, v in vars(args).items() if k != "worker"},
-            "split_seed": SPLIT_SEED, "configs": {k: CONFIGS[k] for k in args.configs},
-            "environment": env}  # fmt: skip
-    csv_path, json_path = common.write_results(name, rows, COLUMNS, meta, args.results_dir)
+    csv_path, json_path = save(rows)
     print(f"wrote {csv_path} and {json_path}")
 
 

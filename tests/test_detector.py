@@ -384,3 +384,16 @@ def test_even_pooling_is_refused(normal_images):
 def test_bad_image_score_is_refused(normal_images, image_score):
     with pytest.raises(ValueError, match="image_score"):
         _tiny_detector(image_score=image_score).fit(normal_images)
+
+
+def test_auto_n_features_keeps_all_channels_up_to_200():
+    rng = np.random.RandomState(0)
+    narrow = PatchEmbeddings(rng.rand(8, 12, 2, 2).astype(np.float32))
+    det = PatchGaussianDetector(pooling=1).fit(narrow)
+    np.testing.assert_array_equal(det.channel_indices_, np.arange(12))
+    wide = PatchEmbeddings(rng.rand(8, 230, 2, 2).astype(np.float32))
+    det = PatchGaussianDetector(pooling=1, random_state=0).fit(wide)
+    assert len(det.channel_indices_) == 200 and len(set(det.channel_indices_)) == 200
+    np.testing.assert_array_equal(
+        det.channel_indices_, PatchGaussianDetector(n_features=200, random_state=0).fit(wide).channel_indices_
+    )
