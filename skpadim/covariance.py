@@ -3,16 +3,20 @@ Cholesky factors and Mahalanobis maps.
 
 Every patch position ``(i, j)`` of the feature grid gets its own multivariate
 Gaussian over the ``C`` embedding channels. Fitting streams: each batch of
-embeddings is added to running sums (count, first and second moments, and the two
-higher moments that Ledoit-Wolf needs) taken about the first batch's mean, so
-memory does not grow with the number of images and float32 inputs with a large
-mean lose no precision.
+embeddings is added to running sums (count, first and second moments, and, for
+Ledoit-Wolf only, two higher moments) taken about the first batch's mean, so
+memory does not grow with the number of images and float32 sums lose no precision
+to a large mean. The fit runs in the estimator's precision (float32 by default):
+batched products accumulate the scatter matrices, and a blocked batched Cholesky
+factorises the shrunk covariances, with a float64 retry for the rare positions
+that are not positive definite in float32.
 
 The math lives in plain functions over torch tensors shaped ``(P, ...)``, one entry
 per position, so that whole chunks of positions are processed by batched matrix
 products; :class:`PatchCovariance` is the thin validated estimator around them.
 """
 
+import math
 import numbers
 import warnings
 
@@ -26,11 +30,31 @@ from ._device import resolve_device
 
 __all__ = ["PatchCovariance", "ledoit_wolf_shrinkage_from_moments"]
 
-# Bound on the float64 temporaries of one chunk of positions (bytes). Chunking
+# Bound on the temporaries of one chunk of positions when scoring (bytes). Chunking
 # over positions keeps peak memory independent of the grid size.
 _CHUNK_BYTES = 256 * 2**20
 # Largest set of Cholesky factors for which scoring keeps their inverses too.
 _WHITENING_BYTES = 1 * 2**30
+
+# Working-set targets of the fit on a CPU (bytes). A batch is added a chunk of
+# positions at a time: the chunk's shifted samples (read by several reductions and
+# products) and each product's output tile should stay in cache, while every
+# chunk still amortises torch's per-call overhead. The finalisation factorises a
+# chunk of covariances that should fit in the last-level cache. On a GPU the
+# chunks only bound memory, so they are much larger.
+_GATHER_BYTES = 4 * 2**20
+_TILE_BYTES = 1 * 2**20
+_FINALIZE_BYTES = 16 * 2**20
+_GPU_SCALE = 64
+# Bound on the images transposed at once (bytes): the samples one accumulating
+# product sums over. A batch of the detector fits (32 images of 550 channels on a
+# 56 x 56 grid: 221 MiB), and larger calls are split so the temporary stays bounded
+# however many images one call brings.
+_TRANSPOSE_BYTES = 256 * 2**20
+# Scatter matrices wider than twice this are accumulated in row blocks of this
+# many rows, lower block triangle only: for 550 channels that saves 40% of the
+# products' flops and memory traffic.
+_ROW_BLOCK = 64
 
 
 class _Moments:
@@ -39,59 +63,224 @@ class _Moments:
     Sums are taken about a fixed reference ``ref`` per position, the mean of the
     first batch: with ``y_k = x_k - ref``, ``n`` samples, ``s1 = sum y``,
     ``s2 = sum y y^T``, ``t = sum |y|^2 y`` and ``q = sum |y|^4``. Because the
-    reference is already close to the mean, the final centring subtracts small
-    corrections and loses no precision (the "shifted data" algorithm), while a
-    batch costs one accumulating matrix product: no merge passes over the
-    matrices. ``s2`` may be float32 to halve the memory; the rest is float64.
+    reference is already close to the mean, the ``y_k`` are small and the final
+    centring subtracts small corrections, so float32 loses no digits to a large
+    mean (the "shifted data" algorithm), while a batch costs one accumulating
+    matrix product: no merge passes over the matrices.
+
+    ``s2`` (the one large statistic) is in the working precision, and so are the
+    shifted samples and their products; ``ref`` too, unless the input had more.
+    The small sums ``s1``, ``t``, ``q`` are float64. ``t`` and ``q`` only serve
+    the Ledoit-Wolf coefficient and are None for a fixed shrinkage. Matrices wider
+    than ``rows`` are stored as their lower block triangle, in blocks of ``rows``
+    rows (whole diagonal blocks included), with zeros above.
     """
 
-    def __init__(self, n, ref, s1, s2, t, q):
+    # Statistics pickled before the block layout existed hold whole matrices.
+    rows = None
+    # Buffer reused by successive add() calls; never copied or pickled.
+    _scratch = None
+
+    def __init__(self, n, ref, s1, s2, t, q, rows=None):
         self.n, self.ref, self.s1, self.s2, self.t, self.q = n, ref, s1, s2, t, q
+        self.rows = rows
 
     @classmethod
-    def zeros(cls, p, c, s2_dtype, device):
+    def zeros(cls, p, c, s2_dtype, device, higher=True):
         f64 = dict(dtype=torch.float64, device=device)
+        rows = _row_block(c)
+        # Not zeroed: the first batch assigns its products instead of adding
+        # them, which saves a pass over the largest array of the fit. Only the
+        # blocks above the diagonal, never written, are.
+        s2 = torch.empty((p, c, c), dtype=s2_dtype, device=device)
+        for r0 in range(rows, c, rows):
+            s2[:, :r0, r0 : r0 + rows].zero_()
         return cls(
             0,
             None,
             torch.zeros((p, c), **f64),
-            torch.zeros((p, c, c), dtype=s2_dtype, device=device),
-            torch.zeros((p, c), **f64),
-            torch.zeros((p,), **f64),
+            s2,
+            torch.zeros((p, c), **f64) if higher else None,
+            torch.zeros((p,), **f64) if higher else None,
+            rows,
+        )
+
+    def _map(self, f):
+        return _Moments(
+            self.n,
+            *(None if x is None else f(x) for x in (self.ref, self.s1, self.s2, self.t, self.q)),
+            self.rows,
         )
 
     def copy(self):
-        return _Moments(self.n, *(None if x is None else x.clone()
-                                  for x in (self.ref, self.s1, self.s2, self.t, self.q)))
+        return self._map(torch.clone)
 
-    def add_chunk(self, sl, X):
-        """Add samples ``X`` (float64, shape (P_chunk, n, C)) of positions ``sl``."""
-        Y = X - self.ref[sl][:, None, :]
-        self.s1[sl] += Y.sum(dim=1)
-        Ys = Y.to(self.s2.dtype)
-        self.s2[sl].baddbmm_(Ys.transpose(1, 2), Ys)
-        sq = (Y * Y).sum(dim=2)  # (P, n): |y_k|^2
-        self.t[sl] += torch.bmm(sq[:, None, :], Y)[:, 0, :]
-        self.q[sl] += (sq * sq).sum(dim=1)
+    def cpu(self):
+        return self._map(lambda x: x.cpu())
 
-    def centred(self, sl):
-        """``(mean, m2, q)`` of positions ``sl`` about their own mean, in float64.
+    def release(self):
+        """Free the buffer kept between batches."""
+        self._scratch = None
 
-        ``m2 = sum (x - mean)(x - mean)^T`` and ``q = sum |x - mean|^4``, from the
-        sums about ``ref`` moved by ``d = mean - ref``.
+    def add(self, X):
+        """Add samples ``X`` of shape (n, C, P): n images, P positions."""
+        n, c, p = X.shape
+        s2 = self.s2
+        device, work = s2.device, s2.dtype
+        scale = 1 if device.type == "cpu" else _GPU_SCALE
+        first = self.n == 0
+        if first:
+            # The reference: in the working precision, unless the input has more,
+            # so that its samples are shifted exactly (a constant position then
+            # gives exactly zero).
+            dtype = torch.promote_types(X.dtype, work) if X.is_floating_point() else work
+            self.ref = torch.empty((p, c), dtype=dtype, device=device)
+        ref = self.ref
+        # Images are transposed whole to (positions, channels), a block of them at
+        # a time: a whole-matrix transpose is several times faster than gathering
+        # the channels of a chunk of positions. The block is what one product
+        # sums over, so it should be large, but it is also the one temporary
+        # that scales with P * C.
+        block = max(1, min(n, _TRANSPOSE_BYTES // (p * c * s2.element_size())))
+        # Kept from one batch to the next: a fresh buffer this large is mapped
+        # anew by the allocator each time, and its page faults cost as much as
+        # the transposition.
+        T = self._scratch
+        if T is None or T.dtype != ref.dtype or T.numel() < block * p * c:
+            T = self._scratch = None  # free the old one first
+            T = self._scratch = torch.empty(block * p * c, dtype=ref.dtype, device=device)
+        step = max(1, min(p, scale * _GATHER_BYTES // (block * c * s2.element_size())))
+        shifted = None
+        if ref.dtype != work:  # the samples are shifted in ref's precision, then rounded
+            shifted = torch.empty(block * step * c, dtype=work, device=device)
+        for k0 in range(0, n, block):
+            k1 = min(k0 + block, n)
+            Tk = T[: (k1 - k0) * p * c].view(k1 - k0, p, c)
+            Tk.copy_(X[k0:k1].to(device).transpose(1, 2))
+            for start in range(0, p, step):
+                stop = min(start + step, p)
+                if first and k0 == 0:
+                    # The mean of the first samples, summed exactly in float64.
+                    head = Tk[:, start:stop].sum(dim=0, dtype=torch.float64)
+                    ref[start:stop] = head / (k1 - k0)
+                if shifted is None:
+                    Y = Tk[:, start:stop].sub_(ref[start:stop])
+                else:
+                    Y = shifted[: (k1 - k0) * (stop - start) * c].view(k1 - k0, stop - start, c)
+                    torch.sub(Tk[:, start:stop], ref[start:stop], out=Y)
+                # Per position, the samples as rows: a view, no copy; the products
+                # read it with a leading dimension.
+                Yp = Y.transpose(0, 1)
+                self.s1[start:stop] += Y.sum(dim=0)
+                _add_scatter(
+                    s2[start:stop], Yp, self.rows or c, assign=first and k0 == 0, scale=scale
+                )
+                if self.t is not None:
+                    # |y_k|^2 per position, contiguous: a strided row vector would
+                    # send the product below to one call per position.
+                    sq = torch.linalg.vecdot(Y, Y).T.contiguous()
+                    self.t[start:stop] += torch.bmm(sq[:, None, :], Yp)[:, 0]
+                    self.q[start:stop] += sq.square().sum(dim=1)
+        self.n += n
+
+    def centred(self, idx, dtype=None):
+        """Location and centred scatter matrices of positions ``idx``.
+
+        Returns ``(mean, m2, terms)``: the location (float64); ``m2 = sum (x -
+        mean)(x - mean)^T``, a new tensor in ``dtype`` (default: that of ``s2``)
+        of which only the lower triangle is meaningful; and, with the higher
+        moments, ``terms = (tr, fro2, q)``: the trace and squared Frobenius norm
+        of ``m2`` and ``q = sum |x - mean|^4`` (float64), else None. All come from
+        the sums about ``ref`` moved by ``d = mean - ref``, a small shift.
         """
         n = self.n
-        d = self.s1[sl] / n
-        s2 = self.s2[sl].to(torch.float64)
-        m2 = s2 - n * d[:, :, None] * d[:, None, :]
-        dd = (d * d).sum(dim=1)
-        s2d = torch.bmm(s2, d[:, :, None])[:, :, 0]
-        tr = torch.diagonal(s2, dim1=1, dim2=2).sum(dim=1)
-        q = (
-            self.q[sl] - 4 * (d * self.t[sl]).sum(dim=1) + 4 * (d * s2d).sum(dim=1)
-            + 2 * dd * tr - 3 * n * dd * dd
-        )
-        return self.ref[sl] + d, m2, q
+        d = self.s1[idx] / n
+        s2 = self.s2[idx]
+        if dtype is not None:
+            s2 = s2.to(dtype)
+        c = s2.shape[-1]
+        dw = d.to(s2.dtype)
+        # One pass over the scatter matrices (the only one that is not in cache).
+        m2 = torch.addcmul(s2, dw[:, :, None], dw[:, None, :], value=-n)
+        terms = None
+        if self.t is not None:
+            fro2, dm2d = _norm_and_form(m2, dw, self.rows or c)
+            dd = (d * d).sum(dim=1)
+            tr = _trace(m2)
+            # sum |y - d|^4 expanded about the sums about ref, with s2 written as
+            # m2 + n d d^T.
+            q = (
+                self.q[idx] - 4 * (d * self.t[idx]).sum(dim=1) + 4 * dm2d
+                + 2 * dd * tr + 3 * n * dd * dd
+            )
+            terms = (tr, fro2, q)
+        return self.ref[idx].to(torch.float64) + d, m2, terms
+
+
+def _row_block(c):
+    """Rows per block of the accumulated scatter matrices (``c``: all of them)."""
+    return c if c <= 2 * _ROW_BLOCK else _ROW_BLOCK
+
+
+def _add_scatter(S, Y, rows, assign, scale=1):
+    """``S += Y^T Y`` per position, ``S`` (m, C, C), ``Y`` (m, k, C).
+
+    With ``rows < C`` only the lower block triangle, in blocks of ``rows`` rows.
+    The products go to a fresh cache-sized tile first: a batched product into a
+    strided slice of ``S`` falls back to one call per matrix.
+    """
+    m, k, c = Y.shape
+    step = max(1, scale * _TILE_BYTES // (rows * c * Y.element_size()))
+    for a in range(0, m, step):
+        Ya, Sa = Y[a : a + step], S[a : a + step]
+        for r0 in range(0, c, rows):
+            r1 = min(r0 + rows, c)
+            tile = torch.bmm(Ya[:, :, r0:r1].mT, Ya[:, :, :r1])
+            if assign:
+                Sa[:, r0:r1, :r1] = tile
+            else:
+                Sa[:, r0:r1, :r1] += tile
+
+
+def _norm_and_form(S, d, rows):
+    """``|S|_F^2`` and ``d^T S d`` (float64) of symmetric matrices ``S`` (B, C, C).
+
+    Only the lower block triangle of ``S`` is read (blocks of ``rows`` rows; all
+    of ``S`` when ``rows >= C``): its strictly lower blocks count twice.
+    """
+    c = S.shape[-1]
+
+    def norm2_form(V, e, f):  # |V|_F^2 and e^T V f
+        # e^T V as a row vector: several times faster than V f as a column.
+        # (vector_norm is fastest on whole matrices but slow on strided blocks.)
+        norm2 = torch.linalg.vector_norm(V, dim=(1, 2)) ** 2 if V.is_contiguous() \
+            else V.square().sum(dim=(1, 2))
+        form = torch.bmm(e[:, None, :], V)[:, 0].mul_(f).sum(dim=1)
+        return norm2.to(torch.float64), form.to(torch.float64)
+
+    if rows >= c:
+        return norm2_form(S, d, d)
+    norm2, form = 0, 0
+    for r0 in range(0, c, rows):
+        r1 = min(r0 + rows, c)
+        # Row block r0:r1 up to and with its diagonal block; the part left of the
+        # diagonal block counts twice.
+        n_all, f_all = norm2_form(S[:, r0:r1, :r1], d[:, r0:r1], d[:, :r1])
+        n_diag, f_diag = norm2_form(S[:, r0:r1, r0:r1], d[:, r0:r1], d[:, r0:r1])
+        norm2 = norm2 + 2 * n_all - n_diag
+        form = form + 2 * f_all - f_diag
+    return norm2, form
+
+
+def _mirror_lower_blocks_(S, rows):
+    """Fill the upper block triangle of ``S`` from its lower one, in place."""
+    for r0 in range(rows, S.shape[-1], rows):
+        S[:, :r0, r0 : r0 + rows] = S[:, r0 : r0 + rows, :r0].mT
+    return S
+
+
+def _trace(A):
+    return torch.diagonal(A, dim1=1, dim2=2).sum(dim=1, dtype=torch.float64)
 
 
 def ledoit_wolf_shrinkage_from_moments(n, m2, q):
@@ -114,6 +303,7 @@ def ledoit_wolf_shrinkage_from_moments(n, m2, q):
     shrinkage : torch.Tensor of shape (P,)
         Coefficient in [0, 1] of the convex combination
         ``(1 - s) * S + s * mu * I`` with ``S = m2 / n``, ``mu = trace(S) / C``.
+        Computed in float64 whatever the precision of ``m2``.
 
     Examples
     --------
@@ -125,10 +315,18 @@ def ledoit_wolf_shrinkage_from_moments(n, m2, q):
     >>> bool(np.isclose(float(s[0]), ledoit_wolf_shrinkage(x)))
     True
     """
-    c = m2.shape[-1]
-    S = m2 / n
-    mu = torch.diagonal(S, dim1=1, dim2=2).sum(dim=1) / c
-    fro2 = (S * S).sum(dim=(1, 2))
+    n_features = m2.shape[-1]
+    tr = _trace(m2)
+    fro2 = torch.linalg.vector_norm(m2, dim=(1, 2)).to(torch.float64).square()
+    return _ledoit_wolf_shrinkage(n, n_features, tr, fro2, q)
+
+
+def _ledoit_wolf_shrinkage(n, c, tr, fro2, q):
+    """Ledoit-Wolf coefficient from the trace and squared Frobenius norm of the
+    centred scatter matrices and ``q`` (see ledoit_wolf_shrinkage_from_moments)."""
+    mu = tr / (n * c)
+    fro2 = fro2 / (n * n)
+    q = q.to(torch.float64)
     # beta: estimated variance of the sample covariance entries; delta: squared
     # distance of S to the scaled identity. Both as in Ledoit & Wolf (2004).
     beta = (q / n - fro2) / (c * n)
@@ -165,6 +363,41 @@ def cholesky_lower(cov):
                 f"Covariance of {int(bad.sum())} patch positions is not positive definite."
             )
     return L
+
+
+def _cholesky_blocked_(A, block=32):
+    """Lower Cholesky factors of a batch of SPD matrices ``A`` (B, C, C), in place.
+
+    Reads only the lower triangle of ``A`` and zeroes the strict upper one. Returns
+    a bool mask of the matrices that are not positive definite in ``A``'s
+    precision (their factor is garbage).
+
+    Left-looking blocked algorithm: each block column is updated by one batched
+    product, its ``block``-wide diagonal block factorised by LAPACK, and the panel
+    below multiplied by the inverse of that factor. On a CPU this is about twice
+    as fast as ``torch.linalg.cholesky_ex`` on whole matrices, whose one LAPACK
+    call per matrix is slow at the sizes of patch embeddings. The panel is not
+    solved by LAPACK either: MKL threads each small triangular solve, and with
+    several threads the synchronisation costs ten times the solve.
+    """
+    c = A.shape[-1]
+    failed = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    eye = torch.eye(min(block, c), dtype=A.dtype, device=A.device)
+    for k in range(0, c, block):
+        e = min(k + block, c)
+        col = A[:, k:, k:e]
+        if k:
+            col -= torch.bmm(A[:, k:, :k], A[:, k:e, :k].mT)
+        diag, info = torch.linalg.cholesky_ex(col[:, : e - k])
+        failed |= info > 0
+        col[:, : e - k] = diag
+        if e < c:
+            inverse = torch.linalg.solve_triangular(
+                diag, eye[: e - k, : e - k].expand_as(diag), upper=False
+            )
+            col[:, e - k :] = torch.bmm(col[:, e - k :], inverse.mT)
+            A[:, k:e, e:].zero_()
+    return failed
 
 
 def _positions_view(X):
@@ -284,8 +517,12 @@ class PatchCovariance(BaseEstimator):
             )
         if X.shape[0] == 0:
             raise ValueError("X: got 0 images; at least one is required.")
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError("X: embeddings contain NaN or infinite values.")
+        if X.is_floating_point() and X.numel():
+            # min and max propagate NaN: one pass without a temporary, where
+            # isfinite().all() writes and reads a mask as large as X.
+            lo, hi = torch.aminmax(X)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("X: embeddings contain NaN or infinite values.")
         if not reset:
             expected = (self.n_features_in_, *self.grid_shape_)
             if tuple(X.shape[1:]) != expected:
@@ -358,25 +595,18 @@ class PatchCovariance(BaseEstimator):
     def _accumulate(self, moments, X):
         """Merge the statistics of batch X into ``moments`` (None to start afresh).
 
-        The batch is added a chunk of positions at a time, in place, so
-        temporaries stay chunk-sized.
+        The batch is transposed to (images, positions, channels) a bounded block
+        of images at a time, then added a cache-sized chunk of positions at a
+        time, in place.
         """
         device = resolve_device(self.device)
-        n, c = X.shape[:2]
-        Y = _positions_view(X)
+        n, c, h, w = X.shape
+        X = X.reshape(n, c, h * w)
         if moments is None:
-            moments = _Moments.zeros(Y.shape[0], c, self._m2_dtype(), device)
-        step = _chunk_size(n, c)
-        if moments.ref is None:
-            # The first batch's mean is the reference the sums are taken about.
-            moments.ref = torch.cat([
-                Y[start : start + step].to(device=device, dtype=torch.float64).mean(dim=1)
-                for start in range(0, Y.shape[0], step)
-            ])
-        for start in range(0, Y.shape[0], step):
-            chunk = Y[start : start + step].to(device=device, dtype=torch.float64)
-            moments.add_chunk(slice(start, start + step), chunk)
-        moments.n += n
+            moments = _Moments.zeros(
+                h * w, c, self._m2_dtype(), device, higher=self.shrinkage == "ledoit-wolf"
+            )
+        moments.add(X)
         return moments
 
     def _m2_dtype(self):
@@ -387,13 +617,17 @@ class PatchCovariance(BaseEstimator):
     def _finalize(self, moments, shape, consume=False):
         """Shrunk covariances and their Cholesky factors from the moments.
 
-        Done a chunk of positions at a time; with ``consume`` the factors are
-        written over the scatter matrices, so that the peak memory of a fit is one
-        set of matrices rather than three.
+        Done a cache-sized chunk of positions at a time, in the precision of the
+        scatter matrices; positions whose covariance is not positive definite in
+        that precision are redone in float64 (with a jitter if need be). With
+        ``consume`` the factors are written over the scatter matrices, so that
+        the peak memory of a fit is one set of matrices rather than three.
         """
+        moments.release()
         n = moments.n
         p, c = moments.s1.shape
-        if self.shrinkage != "ledoit-wolf":
+        ledoit_wolf = self.shrinkage == "ledoit-wolf"
+        if not ledoit_wolf:
             if n < 2:
                 raise ValueError(
                     "A fixed shrinkage needs at least 2 training images to estimate a "
@@ -406,33 +640,52 @@ class PatchCovariance(BaseEstimator):
                     "distances may be unreliable. Consider shrinkage='ledoit-wolf'.",
                     UserWarning,
                 )
+        elif moments.t is None:
+            raise ValueError(
+                "shrinkage='ledoit-wolf' needs moments that were not gathered for a fixed "
+                "shrinkage; set shrinkage before the first partial_fit."
+            )
+        device = moments.s2.device
         out_dtype = torch.float64 if self.dtype == "float64" else torch.float32
         chol = moments.s2 if consume and moments.s2.dtype == out_dtype else torch.empty(
-            (p, c, c), dtype=out_dtype, device=moments.s2.device
+            (p, c, c), dtype=out_dtype, device=device
         )
         cov_out = np.empty((p, c, c), dtype=self.dtype) if self.store_covariance else None
         shrink = torch.full((p,), float("nan"), dtype=torch.float64)
-        eye = torch.eye(c, dtype=torch.float64, device=moments.s2.device)
         location = torch.empty((p, c), dtype=torch.float64)
-        step = _chunk_size(0, c)
+        scale = 1 if device.type == "cpu" else _GPU_SCALE
+        step = max(1, scale * _FINALIZE_BYTES // (c * c * moments.s2.element_size()))
         for start in range(0, p, step):
-            sl = slice(start, start + step)
-            mean, m2, q = moments.centred(sl)
+            sl = slice(start, min(start + step, p))
+            mean, cov, s = self._shrunk_covariance(moments, sl, full=cov_out is not None)
             location[sl] = mean.cpu()
-            if self.shrinkage == "ledoit-wolf":
-                s = ledoit_wolf_shrinkage_from_moments(n, m2, q)
-                S = m2 / n
-                mu = torch.diagonal(S, dim1=1, dim2=2).sum(dim=1) / c
-                cov = (1 - s)[:, None, None] * S + (s * mu)[:, None, None] * eye
+            if s is not None:
                 shrink[sl] = s.cpu()
-            else:
-                cov = m2 / (n - 1) + float(self.shrinkage) * eye
             if cov_out is not None:
                 cov_out[sl] = cov.cpu().numpy()
-            factor = cholesky_lower(cov)
+            if device.type == "cpu":
+                failed = _cholesky_blocked_(cov, block=16 if c <= 128 else 32)
+            else:  # batched GPU solvers factorise whole matrices well
+                cov, info = torch.linalg.cholesky_ex(cov)
+                failed = info > 0
+            idx = torch.nonzero(failed).flatten()
+            if len(idx):
+                # Singular in float32 (or at all): redo those in float64, with a
+                # diagonal jitter where even that fails. Before the factors are
+                # written: they may overwrite the scatter matrices.
+                at = idx + start
+                _, cov64, s64 = self._shrunk_covariance(moments, at, torch.float64, full=True)
+                if s64 is not None:
+                    shrink[at.cpu()] = s64.cpu()
+                if cov_out is not None:
+                    cov_out[at.cpu().numpy()] = cov64.cpu().numpy()
+                fixed = cholesky_lower(cov64)
+            factor = chol[sl]
+            factor.copy_(cov)
+            if len(idx):
+                factor[idx] = fixed.to(factor.dtype)
             if self.compact:
-                factor = factor.to(torch.float16)
-            chol[sl] = factor.to(out_dtype)
+                factor.copy_(factor.to(torch.float16))
         # C order: a layout that changed after a pickle round trip would change the
         # floating-point results of the triangular solves.
         self.location_ = np.ascontiguousarray(location.numpy(), dtype=self.dtype)
@@ -445,6 +698,31 @@ class PatchCovariance(BaseEstimator):
         self.grid_shape_ = (int(shape[2]), int(shape[3]))
         self.n_features_in_ = int(c)
         self.n_samples_seen_ = int(n)
+
+    def _shrunk_covariance(self, moments, idx, dtype=None, full=False):
+        """``(location, covariance, shrinkage)`` of positions ``idx``.
+
+        The covariance is a new tensor in ``dtype`` (default: that of the
+        scatter matrices) of which only the lower triangle is meaningful unless
+        ``full``; the shrinkage is None for a fixed ``eps``.
+        """
+        n = moments.n
+        mean, cov, terms = moments.centred(idx, dtype)
+        c = cov.shape[-1]
+        if self.shrinkage == "ledoit-wolf":
+            tr, fro2, q = terms
+            s = _ledoit_wolf_shrinkage(n, c, tr, fro2, q)
+            # (1 - s) * m2 / n + s * mu * I with mu = tr / (n c), in place.
+            cov.mul_(((1 - s) / n).to(cov.dtype)[:, None, None])
+            ridge = (s * tr / (n * c)).to(cov.dtype)[:, None]
+        else:
+            s = None
+            cov.div_(n - 1)
+            ridge = float(self.shrinkage)
+        torch.diagonal(cov, dim1=1, dim2=2).add_(ridge)
+        if full and (moments.rows or c) < c:
+            _mirror_lower_blocks_(cov, moments.rows)
+        return mean, cov, s
 
     # -- scoring ---------------------------------------------------------------
     def mahalanobis(self, X):
@@ -532,10 +810,7 @@ class PatchCovariance(BaseEstimator):
         state.pop("_whitening", None)
         moments = state.get("_moments")
         if moments is not None:
-            state["_moments"] = _Moments(
-                moments.n,
-                *(x.cpu() for x in (moments.ref, moments.s1, moments.s2, moments.t, moments.q)),
-            )
+            state["_moments"] = moments.cpu()
         if self.compact and "cholesky_" in state:
             # Only the lower triangle, in float16: what compact promises on disk.
             p, c, _ = state["cholesky_"].shape

@@ -212,3 +212,117 @@ def test_large_models_score_by_triangular_solves(monkeypatch):
     est_big = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
     np.testing.assert_allclose(est_big.mahalanobis(X[:4]), fast, rtol=1e-10)
     assert "_whitening" not in est_big.__dict__
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Tiny working-set budgets and row blocks, so that every chunk loop of the fit
+    runs several times and 6 channels are stored as a lower block triangle."""
+    monkeypatch.setattr(skpadim.covariance, "_ROW_BLOCK", 2)
+    monkeypatch.setattr(skpadim.covariance, "_GATHER_BYTES", 200)
+    monkeypatch.setattr(skpadim.covariance, "_TILE_BYTES", 100)
+    monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", 300)
+    monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1000)
+
+
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
+def test_chunked_and_block_triangular_fit_equals_sklearn(small_blocks, shrinkage):
+    X = _embeddings(n=33, mean=50.0, seed=11)
+    est = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
+    streamed = PatchCovariance(shrinkage=shrinkage, dtype="float64")
+    for start in range(0, len(X), 10):
+        streamed = pickle.loads(pickle.dumps(streamed.partial_fit(X[start : start + 10])))
+    assert streamed._moments.rows == 2
+    for p, samples in enumerate(_per_position(X)):
+        if shrinkage == "ledoit-wolf":
+            ref = LedoitWolf().fit(samples)
+            expected, location = ref.covariance_, ref.location_
+            np.testing.assert_allclose(est.shrinkage_[p], ref.shrinkage_, rtol=1e-8)
+        else:
+            expected = np.cov(samples, rowvar=False) + shrinkage * np.eye(samples.shape[1])
+            location = samples.mean(0)
+        for fitted in (est, streamed):
+            np.testing.assert_allclose(fitted.location_[p], location, rtol=1e-10)
+            np.testing.assert_allclose(fitted.covariance_[p], expected, rtol=1e-8)
+            L = fitted.cholesky_[p]
+            np.testing.assert_array_equal(L, np.tril(L))
+            np.testing.assert_allclose(L @ L.T, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
+def test_float32_fit_with_large_offset_matches_float64_reference(shrinkage):
+    # Channels with a large common offset and unequal spreads, streamed in
+    # detector-sized batches: float32 sums about the first batch's mean must stay
+    # within 1e-4 (relative) of a float64 fit.
+    rng = np.random.RandomState(12)
+    n, c = 96, 40
+    mixing = rng.randn(c, c) * rng.rand(c)
+    X = (rng.randn(n, 4, c) @ mixing).transpose(0, 2, 1).reshape(n, c, 2, 2) + 1e3
+    X32 = X.astype(np.float32)
+    e64 = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X32.astype(np.float64))
+    e32 = PatchCovariance(shrinkage=shrinkage)
+    moments = None
+    for start in range(0, n, 32):
+        batch = e32._check_embeddings(torch.from_numpy(X32[start : start + 32]), reset=True)
+        moments = e32._accumulate(moments, batch)
+    e32._finalize(moments, X32.shape, consume=True)
+    assert e32.cholesky_.dtype == np.float32
+    for name in ("location_", "covariance_", "cholesky_"):
+        got, want = getattr(e32, name), getattr(e64, name)
+        scale = np.abs(want).max(axis=tuple(range(1, want.ndim)), keepdims=True)
+        assert np.abs(got - want).max() / scale.min() < 1e-4, name
+    if shrinkage == "ledoit-wolf":
+        np.testing.assert_allclose(e32.shrinkage_, e64.shrinkage_, rtol=1e-4)
+    np.testing.assert_allclose(e32.mahalanobis(X32[:4]), e64.mahalanobis(X32[:4]), rtol=1e-4)
+
+
+def test_fixed_shrinkage_does_not_gather_ledoit_wolf_moments():
+    X = _embeddings(n=20)
+    est = PatchCovariance(shrinkage=0.01).partial_fit(X[:10]).partial_fit(X[10:])
+    assert est._moments.t is None and est._moments.q is None
+    assert PatchCovariance().partial_fit(X)._moments.t is not None
+    # Switching to Ledoit-Wolf half way is a clear error, not a wrong estimate.
+    with pytest.raises(ValueError, match="set shrinkage before the first partial_fit"):
+        est.set_params(shrinkage="ledoit-wolf").partial_fit(X)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_positions_singular_in_float32_are_refactorised_in_float64(method):
+    # Zero-variance channels and no shrinkage: the float32 factorisation of those
+    # positions fails and they are redone in float64 (with a jitter), before their
+    # scatter matrices are overwritten by the factors.
+    X = _embeddings(n=20, dtype=np.float32)
+    X[:, 2, 0, :] = 7.0
+    est = getattr(PatchCovariance(shrinkage=0.0), method)(X)
+    ref = PatchCovariance(shrinkage=0.0, dtype="float64").fit(X)
+    assert np.isfinite(est.cholesky_).all()
+    L = est.cholesky_.astype(np.float64)
+    np.testing.assert_allclose(L @ L.transpose(0, 2, 1), ref.covariance_, atol=1e-4)
+    np.testing.assert_allclose(est.cholesky_[:, 2, 2][3:], ref.cholesky_[:, 2, 2][3:], rtol=1e-4)
+
+
+def test_blocked_cholesky_matches_lapack():
+    rng = np.random.RandomState(13)
+    A = rng.randn(5, 37, 60)
+    cov = torch.from_numpy(A @ A.transpose(0, 2, 1) / 60)
+    expected = torch.linalg.cholesky(cov)
+    for block in (8, 16, 37, 64):
+        work = cov.clone()
+        work[:, 0, 5] = float("nan")  # the strict upper triangle is never read
+        failed = skpadim.covariance._cholesky_blocked_(work, block)
+        assert not failed.any()
+        torch.testing.assert_close(work, expected, rtol=1e-10, atol=1e-12)
+    cov[3, 20, 20] = -1.0
+    assert skpadim.covariance._cholesky_blocked_(cov.clone(), 16).tolist() == [
+        False, False, False, True, False
+    ]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_embeddings_are_rejected(bad):
+    X = _embeddings(dtype=np.float32)
+    X[5, 3, 1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        PatchCovariance().fit(X)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        PatchCovariance().fit(_embeddings()).mahalanobis(X)
