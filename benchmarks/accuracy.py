@@ -238,9 +238,9 @@ def main(argv=None):
         if args.max_train:
             # Spread the subset over the aspect ratios, so that it spans the training
             # range: the detector refuses test images far outside it.
-            from PIL import Image
+            from skpadim._images import image_shapes
 
-            ratios = [Image.open(p).height / Image.open(p).width for p in train.path]
+            ratios = [h / w for h, w in image_shapes(train.path.tolist())]
             train = train.iloc[np.argsort(ratios, kind="stable")]
             train = train.iloc[common.spaced_indices(len(train), args.max_train)]
         val = split_halves(test)
