@@ -326,3 +326,13 @@ def test_non_finite_embeddings_are_rejected(bad):
         PatchCovariance().fit(X)
     with pytest.raises(ValueError, match="NaN or infinite"):
         PatchCovariance().fit(_embeddings()).mahalanobis(X)
+
+
+def test_blocked_inverse_of_lower_factors_equals_numpy():
+    rng = np.random.RandomState(0)
+    for c in (5, 16, 37):  # below, at and across the block size
+        A = rng.randn(4, c, c + 3)
+        L = np.linalg.cholesky(A @ A.transpose(0, 2, 1) / c + np.eye(c))
+        out = torch.empty(4, c, c, dtype=torch.float64)
+        skpadim.covariance._invert_lower_blocked(torch.from_numpy(L), out=out)
+        np.testing.assert_allclose(out.numpy(), np.linalg.inv(L), rtol=1e-10, atol=1e-12)
