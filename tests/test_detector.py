@@ -14,7 +14,7 @@ from sklearn.exceptions import NotFittedError
 
 import skpadim.detector
 from skpadim import PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
-from skpadim.detector import gaussian_blur
+from skpadim.detector import gaussian_blur, upsample_and_blur
 
 
 def _pool_plainly(emb, size):
@@ -110,6 +110,25 @@ def test_gaussian_blur_equals_scipy():
         ref = np.stack([gaussian_filter(m.astype(np.float64), sigma) for m in maps])
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(gaussian_blur(torch.from_numpy(maps), 0).numpy(), maps)
+
+
+def _upsample_plainly(m, size):
+    """Bilinear resize with half-pixel centres (align_corners=False), by np.interp."""
+    def along(a, n_out, axis):
+        n_in = a.shape[axis]
+        x = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5  # clamped at the ends by np.interp
+        return np.apply_along_axis(lambda v: np.interp(x, np.arange(n_in), v), axis, a)
+    return along(along(m, size[0], 0), size[1], 1)
+
+
+@pytest.mark.parametrize("size, sigma", [((224, 224), 4.0), ((61, 90), 2.5), ((20, 27), 0)])
+def test_upsample_and_blur_equals_interpolation_then_scipy(size, sigma):
+    dist = np.random.RandomState(1).rand(3, 14, 9)
+    ours = upsample_and_blur(torch.from_numpy(dist.astype(np.float32)), size, sigma).numpy()
+    ref = [_upsample_plainly(d, size) for d in dist]
+    if sigma:
+        ref = [gaussian_filter(r, sigma) for r in ref]
+    np.testing.assert_allclose(ours, np.stack(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_sklearn_conventions(tiny_extractor, normal_images, test_images):
