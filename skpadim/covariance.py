@@ -784,11 +784,16 @@ class PatchCovariance(BaseEstimator):
         dtype = torch.from_numpy(self.cholesky_[:0]).dtype
         step = _chunk_size(n, c, bytes_per_value=4)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
+        diff_buffer = None
         for start in range(0, h * w, step):
             stop = start + step
             loc = torch.from_numpy(self.location_[start:stop]).to(device)
-            diff = (Y[start:stop].to(device=device, dtype=dtype) - loc[:, None, :]).transpose(1, 2)
-            diff = diff.contiguous()  # batched products are much slower on strided operands
+            rows = Y[start:stop].to(device=device, dtype=dtype).transpose(1, 2)
+            if diff_buffer is None:
+                diff_buffer = torch.empty(rows.shape, dtype=dtype, device=device)
+            # Contiguous (batched products are much slower on strided operands),
+            # written in the same pass as the subtraction, into one reused buffer.
+            diff = torch.sub(rows, loc[:, :, None], out=diff_buffer[: len(rows)])
             if whitening is not None:
                 z = torch.bmm(whitening[start:stop].to(device), diff)
             else:

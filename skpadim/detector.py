@@ -137,13 +137,29 @@ def _normal_only(X, y, n_images):
     return _take_images(X, keep), len(keep)
 
 
-def _take_channels(emb, channels):
-    """The chosen channels of a batch of embeddings, as a C-ordered array.
+class _ChannelTaker:
+    """Copies the chosen channels of successive batches into one reused buffer.
 
     ``np.take`` copies whole channel planes; fancy indexing after a slice would
-    return a transposed layout that then costs a second, strided copy.
+    return a transposed layout that then costs a second, strided copy. A batch
+    is tens of megabytes, so a fresh array per batch would be mapped anew by
+    the allocator each time, its page faults costing as much as the copy. The
+    result is only valid until the next call: each loop has its own taker.
     """
-    return np.take(np.asarray(emb), channels, axis=1)
+
+    def __init__(self, channels):
+        self.channels = channels
+        self._buffer = None
+
+    def __call__(self, emb):
+        emb = np.asarray(emb)
+        shape = (len(emb), len(self.channels), *emb.shape[2:])
+        buf = self._buffer
+        if buf is None or buf.dtype != emb.dtype or buf.shape[1:] != shape[1:] or len(buf) < len(emb):
+            buf = self._buffer = np.empty(shape, dtype=emb.dtype)
+        # The channels are valid indices; mode="clip" only spares numpy's
+        # bounds-checked path, which would copy through a temporary buffer.
+        return np.take(emb, self.channels, axis=1, out=buf[: len(emb)], mode="clip")
 
 
 def _take_images(X, keep):
@@ -341,13 +357,13 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 "the training images' proportions."
             )
 
-    def _select(self, emb):
+    def _select(self, emb, take):
         if emb.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X: embeddings have {emb.shape[1]} channels but the detector was fitted "
                 f"on {self.n_features_in_}."
             )
-        return self._pooled(_take_channels(emb, self.channel_indices_))
+        return self._pooled(take(emb))
 
     def _pooled(self, selected):
         selected = torch.from_numpy(np.ascontiguousarray(selected))
@@ -447,13 +463,14 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 n_channels, input_shape = emb.shape[1], emb.input_shape
                 if channels is None:
                     channels = self._draw_channels(n_channels)
+                take = _ChannelTaker(channels)
             elif emb.shape[1] != n_channels:
                 raise ValueError(
                     f"The feature extractor returned {emb.shape[1]} channels for one batch "
                     f"and {n_channels} for another."
                 )
             aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
-            selected = self._pooled(_take_channels(emb, channels))
+            selected = self._pooled(take(emb))
             selected = gaussian._check_embeddings(selected, reset=True)
             moments = gaussian._accumulate(moments, selected)
         gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
@@ -480,10 +497,11 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         check_is_fitted(self, "offset_")
         extractor = None if self.fitted_on_embeddings_ else self.feature_extractor_
         start = 0
+        take = _ChannelTaker(self.channel_indices_)
         for emb in self._embedding_batches(X, extractor):
             if not self.fitted_on_embeddings_:
                 self._check_aspect(emb, start)
-            dist = self.gaussian_._mahalanobis_tensor(self._select(emb))
+            dist = self.gaussian_._mahalanobis_tensor(self._select(emb, take))
             yield upsample_and_blur(dist, emb.input_shape, self.sigma), emb
             start += len(emb)
         if start == 0:
