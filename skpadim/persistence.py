@@ -31,8 +31,12 @@ from .feature_extraction import TorchvisionExtractor
 
 __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 
-#: Version of the file layout written by :func:`save`; :func:`load` refuses newer ones.
-FORMAT_VERSION = 1
+# 2: compact models store their factors' lower triangles in float16
+# ("cholesky_lower"). Other models are still written as version 1, which every
+# release reads.
+#: Newest version of the file layout: :func:`save` writes the oldest one that can
+#: hold the model, :func:`load` refuses newer ones.
+FORMAT_VERSION = 2
 _MAGIC = "skpadim-detector"
 
 _DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "contamination",
@@ -127,13 +131,20 @@ def save(model, path):
     arrays = {
         "channel_indices": np.asarray(model.channel_indices_, dtype=np.int64),
         "location": model.gaussian_.location_,
-        "cholesky": model.gaussian_.cholesky_,
         "shrinkage": model.gaussian_.shrinkage_,
         "trimmed_indices": np.asarray(model.trimmed_indices_, dtype=np.int64),
     }
+    if model.compact:
+        # The factors are float16 values already (compact rounds them at fit):
+        # their lower triangles in float16 hold them exactly, in a quarter of the space.
+        c = model.gaussian_.cholesky_.shape[-1]
+        rows, cols = np.tril_indices(c)
+        arrays["cholesky_lower"] = model.gaussian_.cholesky_[:, rows, cols].astype(np.float16)
+    else:
+        arrays["cholesky"] = model.gaussian_.cholesky_
     config = {
         "format": _MAGIC,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if model.compact else 1,
         "detector": {k: _jsonable(getattr(model, k), k) for k in _DETECTOR_PARAMS},
         "fitted": {
             "offset": float(model.offset_),
@@ -216,18 +227,32 @@ def _check(config, arrays, path):
     fitted = config["fitted"]
     h, w = fitted["grid_shape"]
     c = len(arrays["channel_indices"])
-    expected = {"location": (h * w, c), "cholesky": (h * w, c, c), "shrinkage": (h * w,)}
+    factor_key = "cholesky_lower" if "cholesky_lower" in arrays else "cholesky"
+    expected = {"location": (h * w, c), "shrinkage": (h * w,),
+                factor_key: (h * w, c * (c + 1) // 2) if factor_key == "cholesky_lower" else (h * w, c, c)}
     for key, shape in expected.items():
+        if key not in arrays:
+            raise ModelFileError(f"{str(path)!r}: the array {key!r} is missing.")
         if arrays[key].shape != shape:
             raise ModelFileError(
                 f"{str(path)!r}: {key} has shape {arrays[key].shape}, expected {shape}."
             )
+    if factor_key == "cholesky_lower" and arrays[factor_key].dtype != np.float16:
+        raise ModelFileError(f"{str(path)!r}: cholesky_lower has dtype {arrays[factor_key].dtype}.")
     for key in ("location", "cholesky"):
-        if arrays[key].dtype not in (np.float32, np.float64):
+        if key in arrays and arrays[key].dtype not in (np.float32, np.float64):
             raise ModelFileError(f"{str(path)!r}: {key} has dtype {arrays[key].dtype}.")
     idx = arrays["channel_indices"]
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+
+
+def _unpack_lower(tril, c, dtype):
+    """(P, c (c + 1) / 2) lower triangles -> (P, c, c) matrices, zeros above."""
+    full = np.zeros((tril.shape[0], c, c), dtype=np.dtype(dtype))
+    rows, cols = np.tril_indices(c)
+    full[:, rows, cols] = tril
+    return full
 
 
 def _rebuild_extractor(description, arrays, path):
@@ -294,7 +319,11 @@ def load(path):
         dtype=fitted["gaussian_dtype"], store_covariance=False, compact=params["compact"],
     )
     gaussian.location_ = np.ascontiguousarray(arrays["location"])
-    gaussian.cholesky_ = np.ascontiguousarray(arrays["cholesky"])
+    if "cholesky_lower" in arrays:
+        gaussian.cholesky_ = _unpack_lower(arrays["cholesky_lower"], len(arrays["channel_indices"]),
+                                           fitted["gaussian_dtype"])
+    else:
+        gaussian.cholesky_ = np.ascontiguousarray(arrays["cholesky"])
     gaussian.shrinkage_ = arrays["shrinkage"]
     gaussian.grid_shape_ = tuple(fitted["grid_shape"])
     gaussian.n_features_in_ = len(arrays["channel_indices"])

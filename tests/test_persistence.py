@@ -46,6 +46,37 @@ def test_round_trip_on_embeddings(tmp_path):
     assert clone(loaded).get_params()["shrinkage"] == 0.01
 
 
+def test_compact_model_is_saved_compactly_and_scores_identically(tmp_path):
+    emb = PatchEmbeddings(np.random.RandomState(0).rand(30, 24, 4, 4).astype(np.float32))
+    full = PatchGaussianDetector(n_features=None, random_state=0).fit(emb)
+    det = PatchGaussianDetector(n_features=None, compact=True, random_state=0).fit(emb)
+    path_full, path = save(full, tmp_path / "f.npz"), save(det, tmp_path / "c.npz")
+    with np.load(path, allow_pickle=False) as archive:
+        assert "cholesky" not in archive.files
+        assert archive["cholesky_lower"].dtype == np.float16
+        assert archive["cholesky_lower"].shape == (16, 24 * 25 // 2)
+    # Factors of 24 x 24 dominate: a quarter of the float32 matrices, plus the rest.
+    assert path.stat().st_size < 0.5 * path_full.stat().st_size
+    loaded = load(path)
+    np.testing.assert_array_equal(loaded.gaussian_.cholesky_, det.gaussian_.cholesky_)
+    np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
+    assert loaded.compact is True
+
+
+def test_compact_file_with_a_wrong_factor_shape_is_refused(tmp_path):
+    emb = PatchEmbeddings(np.random.RandomState(0).rand(10, 5, 2, 2).astype(np.float32))
+    path = save(PatchGaussianDetector(n_features=None, compact=True).fit(emb), tmp_path / "c.npz")
+
+    def cut(arrays, config):
+        arrays["cholesky_lower"] = arrays["cholesky_lower"][:, :-1]
+        config["sha256"] = skpadim.persistence._digest(
+            {k: v for k, v in arrays.items() if k != "config"})
+
+    _rewrite(path, cut)
+    with pytest.raises(ModelFileError, match="cholesky_lower has shape"):
+        load(path)
+
+
 def _rewrite(path, mutate):
     with np.load(path, allow_pickle=False) as archive:
         arrays = {k: archive[k] for k in archive.files}
@@ -58,7 +89,7 @@ def _rewrite(path, mutate):
 def test_newer_format_version_is_refused(fitted_lite, tmp_path):
     path = save(fitted_lite[0], tmp_path / "m.npz")
     _rewrite(path, lambda a, c: c.__setitem__("format_version", FORMAT_VERSION + 1))
-    with pytest.raises(ModelFileError, match="newer than the 1 this skpadim reads"):
+    with pytest.raises(ModelFileError, match=f"newer than the {FORMAT_VERSION} this skpadim reads"):
         load(path)
 
 
