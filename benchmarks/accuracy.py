@@ -55,7 +55,11 @@ CONFIGS = {
     "score-max": {"image_score": "max"},
     "sigma-2": {"sigma": 2.0},
     "sigma-8": {"sigma": 8.0},
+    # The paper's recipe with ImageNet's mean and std instead of the Lite
+    # weights' own (0.5, 0.5): what a pipeline written for ResNets would feed.
+    "paper-imagenet-norm": {**PAPER, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
+EXTRACTOR_KEYS = ("backbone", "image_size", "mean", "std")
 DEFAULT_CONFIGS = ("paper", "defaults")
 SPLIT_SEED = 0
 
@@ -90,10 +94,8 @@ def build(cfg):
 
     change = CONFIGS[cfg["config"]]
     det = PatchGaussianDetector(random_state=cfg["seed"], trim=cfg["trim"])
-    det.set_params(**{k: v for k, v in change.items() if k not in ("backbone", "image_size")})
-    ext = {}
-    if "backbone" in change:
-        ext["backbone"] = change["backbone"]
+    det.set_params(**{k: v for k, v in change.items() if k not in EXTRACTOR_KEYS})
+    ext = {k: change[k] for k in ("backbone", "mean", "std") if k in change}
     size = change.get("image_size")
     if isinstance(size, int):
         ext["image_size"] = size
