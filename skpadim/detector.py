@@ -222,11 +222,13 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         from it, or use a calibrated threshold of your own on
         :meth:`score_samples`).
     trim : float in [0, 0.5), default=0.0
-        Fraction of the training images left out of a second fit: those whose
-        in-sample anomaly scores are highest. A remedy for training folders
-        that hold a few defective images (the first fit learns them as normal,
-        but they still stand out); it costs two more passes over the training
-        images. 0 fits once on all of them.
+        Fraction of the training images left out of the final fit: those with
+        the highest out-of-fold anomaly scores (the training images are split
+        into two halves, alternately, and each half is scored by a Gaussian
+        fitted on the other). A remedy for training folders that hold a few
+        defective images: a fit on all of them would learn their defects as
+        normal. It costs two more passes over the training images. 0 fits once
+        on all of them.
     batch_size : int, default=32
         Images per batch; bounds the memory of fit and scoring.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -420,7 +422,18 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             extractor = clone(
                 self.feature_extractor if self.feature_extractor is not None else TorchvisionExtractor()
             ).fit(X)
-        gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
+        n_trim = int(np.floor(self.trim * n_images))
+        trimming = n_trim > 0 and n_images - n_trim >= 2 and n_images >= 4
+        if trimming:
+            # Two Gaussians, each on every other image: together one pass.
+            halves = (np.arange(0, n_images, 2), np.arange(1, n_images, 2))
+            gaussian_a, channels, n_channels, input_shape, aspects_a = self._fit_gaussian(
+                _take_images(X, halves[0]), extractor)
+            gaussian_b, _, _, _, aspects_b = self._fit_gaussian(
+                _take_images(X, halves[1]), extractor, channels)
+            aspects = np.concatenate([aspects_a, aspects_b])
+        else:
+            gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
 
         # The new state is assembled on a copy and only then written onto self,
         # so that a fit failing part way leaves a previously fitted detector intact.
@@ -428,22 +441,26 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         fitted.feature_extractor_ = extractor
         fitted.fitted_on_embeddings_ = on_embeddings
         fitted.channel_indices_ = channels
-        fitted.gaussian_ = gaussian
         fitted.n_features_in_ = int(n_channels)
         fitted.input_shape_ = tuple(int(s) for s in input_shape)
         fitted.aspect_range_ = (float(aspects.min()), float(aspects.max()))
-        fitted.offset_ = 0.0  # provisional: the threshold pass scores with it
-        train_scores = fitted.score_samples(X)
+        fitted.offset_ = 0.0  # provisional: the scoring passes below use it
         fitted.trimmed_indices_ = np.array([], dtype=np.intp)
-        n_trim = int(np.floor(self.trim * n_images))
-        if n_trim and n_images - n_trim >= 2:
-            # A defective training image was learnt as normal but still scores
-            # among the worst in-sample: refit without the n_trim worst ones.
-            order = np.argsort(train_scores, kind="stable")
+        if trimming:
+            # A defective training image is learnt as normal at its defect's
+            # positions, which hides it from an in-sample score; each half is
+            # therefore scored by the Gaussian of the other half, and the n_trim
+            # images with the worst of these out-of-fold scores are left out.
+            scores = np.empty(n_images)
+            for half, other in ((halves[0], gaussian_b), (halves[1], gaussian_a)):
+                fitted.gaussian_ = other
+                scores[half] = fitted.score_samples(_take_images(X, half))
+            order = np.argsort(scores, kind="stable")
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
             kept = _take_images(X, np.sort(order[n_trim:]))
-            fitted.gaussian_ = self._fit_gaussian(kept, extractor, channels)[0]
-            train_scores = fitted.score_samples(X)
+            gaussian = self._fit_gaussian(kept, extractor, channels)[0]
+        fitted.gaussian_ = gaussian
+        train_scores = fitted.score_samples(X)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         self.__dict__.update(
             {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}

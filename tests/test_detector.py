@@ -394,6 +394,19 @@ def test_trim_leaves_out_defective_training_images_and_equals_a_fit_without_them
     assert naive.trimmed_indices_.size == 0
 
 
+def test_trim_ranks_images_by_out_of_fold_scores(normal_images, test_images):
+    train = normal_images.copy()
+    train[[2, 9, 15]] = test_images[[4, 5, 6]]
+    trimmed = _tiny_detector(trim=0.05).fit(train)  # floor(0.05 * 24) = 1 left out
+    # Reference: each half scored by a detector fitted on the other half.
+    even, odd = np.arange(0, 24, 2), np.arange(1, 24, 2)
+    scores = np.empty(24)
+    scores[even] = _tiny_detector().fit(train[odd]).score_samples(train[even])
+    scores[odd] = _tiny_detector().fit(train[even]).score_samples(train[odd])
+    np.testing.assert_array_equal(trimmed.trimmed_indices_, [np.argmin(scores)])
+    assert np.argmin(scores) in (2, 9, 15)
+
+
 def test_even_pooling_is_refused(normal_images):
     with pytest.raises(ValueError, match="pooling must be odd"):
         _tiny_detector(pooling=2).fit(normal_images)
