@@ -455,6 +455,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             for half, other in ((halves[0], gaussian_b), (halves[1], gaussian_a)):
                 fitted.gaussian_ = other
                 scores[half] = fitted.score_samples(_take_images(X, half))
+            fitted.gaussian_ = gaussian_a = gaussian_b = None  # free them before the refit
             order = np.argsort(scores, kind="stable")
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
             kept = _take_images(X, np.sort(order[n_trim:]))
