@@ -19,8 +19,11 @@ arguments) and ablations of the defaults, one change each (see ``CONFIGS``).
 
 Contamination study (``--contaminate 0.02 0.05``): defective test images, drawn
 at random, are added to ``train/good`` until they make up that fraction of the
-training set, and leave the evaluation; each level runs the defaults, and the
-defaults with ``trim`` set to the same fraction (the remedy).
+training set, and leave the evaluation; each level runs, on that reduced test
+set, the defaults fitted on the clean training set (the reference), on the
+contaminated one, and on the contaminated one with ``trim`` set to the same
+fraction (the remedy). ``test of`` names the level whose test set a row used,
+``trim bad`` how many of the images ``trim`` left out were defective.
 
 Examples (from the repository root)::
 
@@ -68,12 +71,13 @@ COLUMNS = (
     "image_auroc_val", "pixel_auroc_val", "aupro_val",
     "image_auroc_final", "pixel_auroc_final", "aupro_final",
     "image_auroc", "pixel_auroc", "aupro",
-    "fit_s", "maps_img_per_s", "peak_rss_mib", "contamination", "trim",
+    "fit_s", "maps_img_per_s", "peak_rss_mib", "contamination", "trim", "test_set",
+    "trimmed_defective",
 )  # fmt: skip
 HEADERS = (
     "config", "train", "test",
     "img val", "px val", "PRO val", "img fin", "px fin", "PRO fin",
-    "img all", "px all", "PRO all", "fit s", "im/s", "RSS MiB", "contam", "trim",
+    "img all", "px all", "PRO all", "fit s", "im/s", "RSS MiB", "contam", "trim", "test of", "trim bad",
 )  # fmt: skip
 
 
@@ -135,11 +139,14 @@ def worker(cfg):
               "maps_img_per_s": len(y) / t_maps.seconds,
               "peak_rss_mib": common.max_rss_bytes() / common.MIB,
               "contamination": cfg["contamination"], "trim": cfg["trim"],
+              "test_set": cfg.get("test_reduced_for", 0.0),
               "params": {k: repr(v) for k, v in det.get_params().items()
                          if not k.startswith("feature_extractor__") or k.endswith(
                              ("backbone", "image_size", "layers"))},
               "resize_shape": list(det.feature_extractor_.resize_shape_),
-              "trimmed": len(det.trimmed_indices_)}  # fmt: skip
+              "trimmed": len(det.trimmed_indices_),
+              # The defective images added to the training set come last.
+              "trimmed_defective": int(np.sum(det.trimmed_indices_ >= cfg["n_clean_train"]))}  # fmt: skip
     for suffix, sel in (("_val", val), ("_final", ~val), ("", np.ones_like(val))):
         img, px, pro = _metrics(y, scores, masks, maps, sel)
         result.update({f"image_auroc{suffix}": img, f"pixel_auroc{suffix}": px, f"aupro{suffix}": pro})
@@ -246,9 +253,13 @@ def main(argv=None):
             train = train.iloc[np.argsort(ratios, kind="stable")]
             train = train.iloc[common.spaced_indices(len(train), args.max_train)]
         val = split_halves(test)
-        runs = [(c, 0.0, 0.0) for c in args.configs]
-        runs += [(name, frac, trim) for frac in args.contaminate for name, trim in
-                 (("defaults", 0.0), ("defaults", frac))]  # fmt: skip
+        # (config, contamination, trim, defective images in training): per level,
+        # a clean fit scored on the same reduced test set as the contaminated
+        # ones, so that the three rows of a level compare like with like.
+        runs = [(c, 0.0, 0.0, False) for c in args.configs]
+        runs += [(name, frac, trim, mixed) for frac in args.contaminate for name, trim, mixed in
+                 (("defaults", 0.0, False), ("defaults", 0.0, True),
+                  ("defaults", frac, True))]  # fmt: skip
         name = "_".join(common.slug(p) for p in ("accuracy", dataset, args.tag) if p)
         if args.contaminate:
             name += "_contamination"
@@ -261,7 +272,7 @@ def main(argv=None):
             return common.write_results(name, rows, COLUMNS, meta, args.results_dir)
 
         rows = []
-        for i, (config, frac, trim) in enumerate(runs):
+        for i, (config, frac, trim, mixed) in enumerate(runs):
             keep = np.ones(len(test), bool)
             extra = []
             if frac:
@@ -271,15 +282,17 @@ def main(argv=None):
                 n_bad = int(round(frac * len(train) / (1 - frac)))
                 moved = rng.choice(bad, n_bad, replace=False)
                 keep[moved] = False
-                extra = test.path[moved].tolist()
+                extra = test.path[moved].tolist() if mixed else []
             cfg = {"config": config, "seed": args.seed, "threads": threads,
-                   "contamination": frac, "trim": trim,
+                   "contamination": frac if mixed else 0.0, "trim": trim,
+                   "n_clean_train": len(train), "test_reduced_for": frac,
                    "train_paths": train.path.tolist() + extra,
                    "test_paths": test.path[keep].tolist(),
                    "mask_paths": test.mask_path[keep].tolist(),
                    "labels": test.label[keep].tolist(), "val": val[keep].tolist(),
                    "figure": args.figure if i == 0 else None}  # fmt: skip
-            print(f"[{config} contamination={frac} trim={trim}] ...", flush=True)
+            print(f"[{config} contamination={frac if mixed else 0.0} trim={trim}, test set of "
+                  f"level {frac}] ...", flush=True)
             result = common.run_worker(__file__, cfg, tmp, threads, f"run{i}")
             rows.append(result)
             print(common.format_table([result], COLUMNS, HEADERS), flush=True)
