@@ -60,6 +60,7 @@ def profile(backbone, n_features, train, test, args):
 
     from skpadim import PatchGaussianDetector, TorchvisionExtractor
     from skpadim._images import ValidatedImages, iter_image_batches
+    from skpadim.feature_extraction import _concat_on_first_grid
     from skpadim.detector import (
         _ChannelTaker, _to_image_resolution, image_scores_from_maps, upsample_and_blur,
     )
@@ -81,11 +82,7 @@ def profile(backbone, n_features, train, test, args):
         x = ext._preprocess(batch, device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            feats = ext._features(x, device)
-            grid = feats[0].shape[2:]
-            feats = [f if f.shape[2:] == grid else
-                     torch.nn.functional.interpolate(f, size=grid, mode="nearest") for f in feats]
-            emb = torch.cat(feats, dim=1).float().numpy()
+            emb = _concat_on_first_grid(ext._features(x, device)).numpy()
         t2 = time.perf_counter()
         selected = det._pooled(_ChannelTaker(det.channel_indices_)(emb))
         t3 = time.perf_counter()

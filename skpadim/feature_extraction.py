@@ -409,6 +409,32 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
     return (long, short) if ratio > 1 else (short, long)
 
 
+def _concat_on_first_grid(feats):
+    """Feature maps upsampled (nearest) to the first one's grid, concatenated, float32.
+
+    Written straight into the output: where a grid is an exact multiple of
+    another, nearest-neighbour upsampling is a broadcast copy of each value
+    into an ``s x s`` block, an order of magnitude faster on the CPU than
+    ``F.interpolate`` followed by ``torch.cat``, and equal to it.
+    """
+    n, _, H, W = feats[0].shape
+    out = torch.empty((n, sum(f.shape[1] for f in feats), H, W), dtype=torch.float32,
+                      device=feats[0].device)
+    start = 0
+    for f in feats:
+        c, h, w = f.shape[1:]
+        part = out[:, start : start + c]
+        if (h, w) == (H, W):
+            part.copy_(f)
+        elif H % h == 0 and W % w == 0:
+            sh, sw = H // h, W // w
+            part.view(n, c, h, sh, w, sw).copy_(f[:, :, :, None, :, None].expand(n, c, h, sh, w, sw))
+        else:
+            part.copy_(F.interpolate(f, size=(H, W), mode="nearest"))
+        start += c
+    return out
+
+
 class _TracedBackbones:
     """The last few traced backbones, so that refitting one costs a copy.
 
@@ -847,10 +873,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         device = resolve_device(self.device)
         with torch.inference_mode():
-            feats = self._features(self._preprocess(images, device), device)
-            grid = feats[0].shape[2:]
-            feats = [f if f.shape[2:] == grid else F.interpolate(f, size=grid, mode="nearest") for f in feats]
-            return torch.cat(feats, dim=1).float()
+            return _concat_on_first_grid(self._features(self._preprocess(images, device), device))
 
     def transform(self, X):
         """Patch embeddings of images.

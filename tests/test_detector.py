@@ -429,3 +429,14 @@ def test_auto_n_features_keeps_all_channels_up_to_200():
     np.testing.assert_array_equal(
         det.channel_indices_, PatchGaussianDetector(n_features=200, random_state=0).fit(wide).channel_indices_
     )
+
+
+@pytest.mark.parametrize("shapes", [[(8, 8), (4, 4), (2, 2)], [(8, 6), (4, 3), (3, 2)]])
+def test_feature_maps_concatenate_like_interpolate_and_cat(shapes):
+    from skpadim.feature_extraction import _concat_on_first_grid
+
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, c, h, w, generator=gen) for c, (h, w) in zip((3, 5, 7), shapes)]
+    grid = shapes[0]
+    ref = torch.cat([F.interpolate(f, size=grid, mode="nearest") for f in feats], dim=1)
+    np.testing.assert_array_equal(_concat_on_first_grid(feats).numpy(), ref.numpy())
