@@ -58,7 +58,9 @@ def main(argv=None):
         # The detector's maps on its 224 x 224 frame, before the resize to each image.
         frame_maps = torch.cat([m for m, _ in det._iter_maps(paths)]).numpy()
         maps = det.anomaly_maps(paths)
-        scores = -det.score_samples(paths)
+        # image_score="max": the score is the frame map's maximum, as score_samples
+        # computes it, without a third pass through the backbone.
+        scores = frame_maps.reshape(len(frame_maps), -1).max(axis=1)
         evaluations = {
             "image resolution": (load_masks(test.mask_path.tolist(), shapes=[m.shape for m in maps]), maps),
             "224 x 224 frame": (load_masks(test.mask_path.tolist(), size=224), frame_maps),
