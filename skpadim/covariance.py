@@ -40,21 +40,174 @@ _WHITENING_BYTES = 1 * 2**30
 # positions at a time: the chunk's shifted samples (read by several reductions and
 # products) and each product's output tile should stay in cache, while every
 # chunk still amortises torch's per-call overhead. The finalisation factorises a
-# chunk of covariances that should fit in the last-level cache. On a GPU the
-# chunks only bound memory, so they are much larger.
+# chunk of covariances large enough for the batched products of the blocked
+# Cholesky to be efficient (100 matrices of 550 channels factorise 1.7x faster
+# per matrix than 13 do). On a GPU the chunks only bound memory, so the gathering
+# ones are much larger.
 _GATHER_BYTES = 4 * 2**20
-_TILE_BYTES = 1 * 2**20
-_FINALIZE_BYTES = 16 * 2**20
+_FINALIZE_BYTES = 128 * 2**20
 _GPU_SCALE = 64
+_GPU_FINALIZE_BYTES = 1 * 2**30
 # Bound on the images transposed at once (bytes): the samples one accumulating
 # product sums over. A batch of the detector fits (32 images of 550 channels on a
 # 56 x 56 grid: 221 MiB), and larger calls are split so the temporary stays bounded
 # however many images one call brings.
 _TRANSPOSE_BYTES = 256 * 2**20
 # Scatter matrices wider than twice this are accumulated in row blocks of this
-# many rows, lower block triangle only: for 550 channels that saves 40% of the
-# products' flops and memory traffic.
+# many rows, lower block triangle only: for 550 channels that saves 44% of the
+# products' flops, memory and memory traffic.
 _ROW_BLOCK = 64
+# Such block-triangular statistics come in chunks of positions of about this
+# size (bytes): the finalisation moves one chunk at a time out of the way of the
+# factors written over it, into a buffer of this size, and factorises no more
+# than a chunk at once.
+_SCATTER_CHUNK_BYTES = 64 * 2**20
+
+
+class _ScatterBlocks:
+    """Running scatter matrices of ``P`` positions, as their lower block triangles.
+
+    Row block ``r`` (rows ``r0:r1``) keeps columns ``0:r1``: its whole diagonal
+    block and everything left of it. In each chunk of positions every row block
+    is one contiguous ``(m, r1 - r0, r1)`` tensor, so that a batched product
+    accumulates straight into it (the GEMM's own beta = 1). A product into a
+    strided slice of whole matrices falls back to one call per matrix, and one
+    into a temporary needs a second pass over the statistics to be added: both
+    several times slower. Each chunk is one allocation, freed by :meth:`release`
+    once its factors are written. With ``rows >= C`` there is one block, the
+    whole matrices, in a single chunk: a ``(P, C, C)`` tensor (:meth:`whole`).
+
+    Fresh, the chunks lie in one ``(P, C, C)`` allocation, each at the start of
+    the space of its own positions' matrices, so that the factors can be written
+    over the statistics (:meth:`move_out`): a fit allocates (and page-faults) the
+    memory of one set of matrices, not two.
+    """
+
+    def __init__(self, p, c, rows, dtype, device, buffers=None):
+        self.p, self.c, self.rows = p, c, rows
+        self.bounds = [(r0, min(r0 + rows, c)) for r0 in range(0, c, rows)]
+        self.size = sum((r1 - r0) * r1 for r0, r1 in self.bounds)  # values per position
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        chunk = p if rows >= c else max(1, _SCATTER_CHUNK_BYTES // (self.size * itemsize))
+        self.starts = list(range(0, p, chunk)) + [p]
+        self.storage = None
+        if buffers is None:
+            # Not zeroed: the first batch assigns its products instead of adding them.
+            self.storage = torch.empty(p * c * c, dtype=dtype, device=device)
+            buffers = [
+                self.storage[start * c * c : start * c * c + (stop - start) * self.size]
+                for start, stop in self.chunks()
+            ]
+        self.buffers = buffers
+        self.dtype = dtype
+        # Buffers of the finalisation, reused from one slice to the next (fresh
+        # ones this large would be mapped, and page-faulted, anew each time).
+        self._moved = self._work = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["storage"] = state["_moved"] = state["_work"] = None
+        # A view pickles its whole storage: give each chunk one of its own.
+        state["buffers"] = [
+            None if b is None
+            else b if b.untyped_storage().nbytes() == b.numel() * b.element_size()
+            else b.clone()
+            for b in self.buffers
+        ]
+        return state
+
+    @classmethod
+    def from_whole(cls, S, rows):
+        """From whole ``(P, C, C)`` matrices (statistics pickled by older versions)."""
+        p, c, _ = S.shape
+        out = cls(p, c, rows, S.dtype, S.device)
+        for j, (start, stop) in enumerate(out.chunks()):
+            for r0, r1, B in out.blocks(j):
+                B.copy_(S[start:stop, r0:r1, :r1])
+        return out
+
+    @property
+    def device(self):
+        return self.buffers[0].device if self.buffers[0] is not None else None
+
+    def element_size(self):
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def chunks(self):
+        """``(start, stop)`` positions of each chunk."""
+        return list(zip(self.starts[:-1], self.starts[1:]))
+
+    def blocks(self, j):
+        """``(r0, r1, B)`` of chunk ``j``: ``B`` holds rows ``r0:r1``, columns ``0:r1``."""
+        m = self.starts[j + 1] - self.starts[j]
+        buffer, offset, out = self.buffers[j], 0, []
+        for r0, r1 in self.bounds:
+            n_values = m * (r1 - r0) * r1
+            out.append((r0, r1, buffer[offset : offset + n_values].view(m, r1 - r0, r1)))
+            offset += n_values
+        return out
+
+    def is_whole(self):
+        return len(self.bounds) == 1 and len(self.buffers) == 1
+
+    def whole(self):
+        return self.buffers[0].view(self.p, self.c, self.c)
+
+    def lower(self, idx, dtype=None):
+        """Matrices of positions ``idx`` (a slice within one chunk, or indices).
+
+        Returns ``(S, fresh)``: a ``(m, C, C)`` tensor in ``dtype`` (default: the
+        stored one) whose lower block triangle holds the statistics and whose
+        blocks above it are unspecified, and whether ``S`` may be written (else
+        it is a view of the statistics). Valid until the next call: block
+        triangles are unpacked into one reused buffer.
+        """
+        dtype = dtype or self.dtype
+        if self.is_whole():
+            S = self.whole()[idx]
+            return (S, False) if dtype == self.dtype and isinstance(idx, slice) else (S.to(dtype), True)
+        if isinstance(idx, slice):
+            j = int(np.searchsorted(self.starts, idx.start, side="right")) - 1
+            parts = [(j, idx.start - self.starts[j], idx.stop - self.starts[j])]
+            m = idx.stop - idx.start
+        else:
+            positions = idx.tolist()
+            js = np.searchsorted(self.starts, positions, side="right") - 1
+            parts = [(j, q - self.starts[j], q - self.starts[j] + 1) for j, q in zip(js, positions)]
+            m = len(positions)
+        numel = m * self.c * self.c
+        if dtype != self.dtype:
+            S = torch.empty((m, self.c, self.c), dtype=dtype, device=self.device)
+        else:
+            if self._work is None or self._work.numel() < numel:
+                self._work = None
+                self._work = torch.empty(numel, dtype=dtype, device=self.device)
+            S = self._work[:numel].view(m, self.c, self.c)
+        at = 0
+        for j, a, b in parts:
+            for r0, r1, B in self.blocks(j):
+                S[at : at + b - a, r0:r1, :r1] = B[a:b]
+            at += b - a
+        return S, True
+
+    def move_out(self, j):
+        """Move the statistics of chunk ``j`` to a buffer of their own, so that
+        its positions' space in :attr:`storage` can be overwritten."""
+        buffer = self.buffers[j]
+        if self._moved is None or self._moved.numel() < buffer.numel():
+            self._moved = torch.empty_like(buffer)
+        self.buffers[j] = self._moved[: buffer.numel()].copy_(buffer)
+
+    def release(self, j):
+        """Free the statistics of chunk ``j``."""
+        self.buffers[j] = None
+        if all(b is None for b in self.buffers):
+            self._moved = self._work = self.storage = None
+
+    def map(self, f):
+        return _ScatterBlocks(
+            self.p, self.c, self.rows, self.dtype, None, buffers=[f(b) for b in self.buffers]
+        )
 
 
 class _Moments:
@@ -68,12 +221,12 @@ class _Moments:
     mean (the "shifted data" algorithm), while a batch costs one accumulating
     matrix product: no merge passes over the matrices.
 
-    ``s2`` (the one large statistic) is in the working precision, and so are the
-    shifted samples and their products; ``ref`` too, unless the input had more.
-    The small sums ``s1``, ``t``, ``q`` are float64. ``t`` and ``q`` only serve
-    the Ledoit-Wolf coefficient and are None for a fixed shrinkage. Matrices wider
-    than ``rows`` are stored as their lower block triangle, in blocks of ``rows``
-    rows (whole diagonal blocks included), with zeros above.
+    ``s2`` (the one large statistic, a :class:`_ScatterBlocks`) is in the working
+    precision, and so are the shifted samples and their products; ``ref`` too,
+    unless the input had more. The small sums ``s1``, ``t``, ``q`` are float64.
+    ``t`` and ``q`` only serve the Ledoit-Wolf coefficient and are None for a
+    fixed shrinkage. Matrices wider than ``rows`` are stored as their lower
+    block triangle, in blocks of ``rows`` rows.
     """
 
     # Statistics pickled before the block layout existed hold whole matrices.
@@ -85,21 +238,22 @@ class _Moments:
         self.n, self.ref, self.s1, self.s2, self.t, self.q = n, ref, s1, s2, t, q
         self.rows = rows
 
+    def __setstate__(self, state):
+        s2 = state["s2"]
+        if isinstance(s2, torch.Tensor):  # whole matrices, pickled by older versions
+            c = s2.shape[-1]
+            state["s2"] = _ScatterBlocks.from_whole(s2, state.get("rows") or c)
+        self.__dict__.update(state)
+
     @classmethod
     def zeros(cls, p, c, s2_dtype, device, higher=True):
         f64 = dict(dtype=torch.float64, device=device)
         rows = _row_block(c)
-        # Not zeroed: the first batch assigns its products instead of adding
-        # them, which saves a pass over the largest array of the fit. Only the
-        # blocks above the diagonal, never written, are.
-        s2 = torch.empty((p, c, c), dtype=s2_dtype, device=device)
-        for r0 in range(rows, c, rows):
-            s2[:, :r0, r0 : r0 + rows].zero_()
         return cls(
             0,
             None,
             torch.zeros((p, c), **f64),
-            s2,
+            _ScatterBlocks(p, c, rows, s2_dtype, device),
             torch.zeros((p, c), **f64) if higher else None,
             torch.zeros((p,), **f64) if higher else None,
             rows,
@@ -108,7 +262,9 @@ class _Moments:
     def _map(self, f):
         return _Moments(
             self.n,
-            *(None if x is None else f(x) for x in (self.ref, self.s1, self.s2, self.t, self.q)),
+            *(None if x is None else f(x) for x in (self.ref, self.s1)),
+            self.s2.map(f),
+            *(None if x is None else f(x) for x in (self.t, self.q)),
             self.rows,
         )
 
@@ -127,6 +283,7 @@ class _Moments:
         n, c, p = X.shape
         s2 = self.s2
         device, work = s2.device, s2.dtype
+        itemsize = s2.element_size()
         scale = 1 if device.type == "cpu" else _GPU_SCALE
         first = self.n == 0
         if first:
@@ -141,7 +298,7 @@ class _Moments:
         # the channels of a chunk of positions. The block is what one product
         # sums over, so it should be large, but it is also the one temporary
         # that scales with P * C.
-        block = max(1, min(n, _TRANSPOSE_BYTES // (p * c * s2.element_size())))
+        block = max(1, min(n, _TRANSPOSE_BYTES // (p * c * itemsize)))
         # Kept from one batch to the next: a fresh buffer this large is mapped
         # anew by the allocator each time, and its page faults cost as much as
         # the transposition.
@@ -149,43 +306,50 @@ class _Moments:
         if T is None or T.dtype != ref.dtype or T.numel() < block * p * c:
             T = self._scratch = None  # free the old one first
             T = self._scratch = torch.empty(block * p * c, dtype=ref.dtype, device=device)
-        step = max(1, min(p, scale * _GATHER_BYTES // (block * c * s2.element_size())))
+        step = max(1, min(p, scale * _GATHER_BYTES // (block * c * itemsize)))
         shifted = None
         if ref.dtype != work:  # the samples are shifted in ref's precision, then rounded
             shifted = torch.empty(block * step * c, dtype=work, device=device)
         for k0 in range(0, n, block):
             k1 = min(k0 + block, n)
+            assign = first and k0 == 0
             Tk = T[: (k1 - k0) * p * c].view(k1 - k0, p, c)
             Tk.copy_(X[k0:k1].to(device).transpose(1, 2))
-            for start in range(0, p, step):
-                stop = min(start + step, p)
-                if first and k0 == 0:
-                    # The mean of the first samples, summed exactly in float64.
-                    head = Tk[:, start:stop].sum(dim=0, dtype=torch.float64)
-                    ref[start:stop] = head / (k1 - k0)
-                if shifted is None:
-                    Y = Tk[:, start:stop].sub_(ref[start:stop])
-                else:
-                    Y = shifted[: (k1 - k0) * (stop - start) * c].view(k1 - k0, stop - start, c)
-                    torch.sub(Tk[:, start:stop], ref[start:stop], out=Y)
-                # Per position, the samples as rows: a view, no copy; the products
-                # read it with a leading dimension.
-                Yp = Y.transpose(0, 1)
-                self.s1[start:stop] += Y.sum(dim=0)
-                _add_scatter(
-                    s2[start:stop], Yp, self.rows or c, assign=first and k0 == 0, scale=scale
-                )
-                if self.t is not None:
-                    # |y_k|^2 per position, contiguous: a strided row vector would
-                    # send the product below to one call per position.
-                    sq = torch.linalg.vecdot(Y, Y).T.contiguous()
-                    self.t[start:stop] += torch.bmm(sq[:, None, :], Yp)[:, 0]
-                    self.q[start:stop] += sq.square().sum(dim=1)
+            for j, (c0, c1) in enumerate(s2.chunks()):
+                blocks = s2.blocks(j)
+                for start in range(c0, c1, step):
+                    stop = min(start + step, c1)
+                    if assign:
+                        # The mean of the first samples, summed exactly in float64.
+                        head = Tk[:, start:stop].sum(dim=0, dtype=torch.float64)
+                        ref[start:stop] = head / (k1 - k0)
+                    if shifted is None:
+                        Y = Tk[:, start:stop].sub_(ref[start:stop])
+                    else:
+                        Y = shifted[: (k1 - k0) * (stop - start) * c].view(k1 - k0, stop - start, c)
+                        torch.sub(Tk[:, start:stop], ref[start:stop], out=Y)
+                    # Per position, the samples as rows: a view, no copy; the
+                    # products read it with a leading dimension.
+                    Yp = Y.transpose(0, 1)
+                    self.s1[start:stop] += Y.sum(dim=0)
+                    for r0, r1, B in blocks:
+                        target = B[start - c0 : stop - c0]  # contiguous
+                        if assign:
+                            torch.bmm(Yp[:, :, r0:r1].mT, Yp[:, :, :r1], out=target)
+                        else:
+                            target.baddbmm_(Yp[:, :, r0:r1].mT, Yp[:, :, :r1])
+                    if self.t is not None:
+                        # |y_k|^2 per position, contiguous: a strided row vector
+                        # would send the product below to one call per position.
+                        sq = torch.linalg.vecdot(Y, Y).T.contiguous()
+                        self.t[start:stop] += torch.bmm(sq[:, None, :], Yp)[:, 0]
+                        self.q[start:stop] += sq.square().sum(dim=1)
         self.n += n
 
     def centred(self, idx, dtype=None):
         """Location and centred scatter matrices of positions ``idx``.
 
+        ``idx`` is a slice that lies within one chunk of ``s2``, or indices.
         Returns ``(mean, m2, terms)``: the location (float64); ``m2 = sum (x -
         mean)(x - mean)^T``, a new tensor in ``dtype`` (default: that of ``s2``)
         of which only the lower triangle is meaningful; and, with the higher
@@ -195,13 +359,14 @@ class _Moments:
         """
         n = self.n
         d = self.s1[idx] / n
-        s2 = self.s2[idx]
-        if dtype is not None:
-            s2 = s2.to(dtype)
+        s2, fresh = self.s2.lower(idx, dtype)
         c = s2.shape[-1]
         dw = d.to(s2.dtype)
         # One pass over the scatter matrices (the only one that is not in cache).
-        m2 = torch.addcmul(s2, dw[:, :, None], dw[:, None, :], value=-n)
+        if fresh:
+            m2 = s2.addcmul_(dw[:, :, None], dw[:, None, :], value=-n)
+        else:
+            m2 = torch.addcmul(s2, dw[:, :, None], dw[:, None, :], value=-n)
         terms = None
         if self.t is not None:
             fro2, dm2d = _norm_and_form(m2, dw, self.rows or c)
@@ -220,34 +385,6 @@ class _Moments:
 def _row_block(c):
     """Rows per block of the accumulated scatter matrices (``c``: all of them)."""
     return c if c <= 2 * _ROW_BLOCK else _ROW_BLOCK
-
-
-def _add_scatter(S, Y, rows, assign, scale=1):
-    """``S += Y^T Y`` per position, ``S`` (m, C, C), ``Y`` (m, k, C).
-
-    With ``rows < C`` only the lower block triangle, in blocks of ``rows`` rows.
-    The products go to a fresh cache-sized tile first: a batched product into a
-    strided slice of ``S`` falls back to one call per matrix.
-    """
-    m, k, c = Y.shape
-    if rows >= c:
-        # S is contiguous here: one batched product accumulating into it (the
-        # GEMM's own beta = 1) beats products into tiles added afterwards by 2-3x.
-        if assign:
-            torch.bmm(Y.mT, Y, out=S)
-        else:
-            S.baddbmm_(Y.mT, Y)
-        return
-    step = max(1, scale * _TILE_BYTES // (rows * c * Y.element_size()))
-    for a in range(0, m, step):
-        Ya, Sa = Y[a : a + step], S[a : a + step]
-        for r0 in range(0, c, rows):
-            r1 = min(r0 + rows, c)
-            tile = torch.bmm(Ya[:, :, r0:r1].mT, Ya[:, :, :r1])
-            if assign:
-                Sa[:, r0:r1, :r1] = tile
-            else:
-                Sa[:, r0:r1, :r1] += tile
 
 
 def _norm_and_form(S, d, rows):
@@ -680,18 +817,23 @@ class PatchCovariance(BaseEstimator):
                 "shrinkage='ledoit-wolf' needs moments that were not gathered for a fixed "
                 "shrinkage; set shrinkage before the first partial_fit."
             )
-        device = moments.s2.device
+        scatter = moments.s2
+        device = scatter.device
         out_dtype = torch.float64 if self.dtype == "float64" else torch.float32
-        chol = moments.s2 if consume and moments.s2.dtype == out_dtype else torch.empty(
+        # Consumed statistics of the output precision are overwritten by their
+        # factors: whole matrices in place, block triangles once moved out of the
+        # way, a chunk at a time.
+        in_place = consume and scatter.storage is not None and scatter.dtype == out_dtype
+        chol = scatter.storage.view(p, c, c) if in_place else torch.empty(
             (p, c, c), dtype=out_dtype, device=device
         )
         cov_out = np.empty((p, c, c), dtype=self.dtype) if self.store_covariance else None
         shrink = torch.full((p,), float("nan"), dtype=torch.float64)
         location = torch.empty((p, c), dtype=torch.float64)
-        scale = 1 if device.type == "cpu" else _GPU_SCALE
-        step = max(1, scale * _FINALIZE_BYTES // (c * c * moments.s2.element_size()))
-        for start in range(0, p, step):
-            sl = slice(start, min(start + step, p))
+        budget = _FINALIZE_BYTES if device.type == "cpu" else _GPU_FINALIZE_BYTES
+        step = max(1, budget // (c * c * scatter.element_size()))
+        for sl in self._finalize_slices(scatter, step, consume, in_place):
+            start = sl.start
             mean, cov, s = self._shrunk_covariance(moments, sl, full=cov_out is not None)
             location[sl] = mean.cpu()
             if s is not None:
@@ -733,6 +875,20 @@ class PatchCovariance(BaseEstimator):
         self.grid_shape_ = (int(shape[2]), int(shape[3]))
         self.n_features_in_ = int(c)
         self.n_samples_seen_ = int(n)
+
+    @staticmethod
+    def _finalize_slices(scatter, step, consume, in_place):
+        """Slices of at most ``step`` positions, each within one chunk of the
+        statistics. With ``in_place``, a chunk of block triangles is moved out
+        of the factors' way first; with ``consume``, freed once its slices are
+        done."""
+        for j, (c0, c1) in enumerate(scatter.chunks()):
+            if in_place and not scatter.is_whole():
+                scatter.move_out(j)
+            for start in range(c0, c1, step):
+                yield slice(start, min(start + step, c1))
+            if consume:
+                scatter.release(j)
 
     def _shrunk_covariance(self, moments, idx, dtype=None, full=False):
         """``(location, covariance, shrinkage)`` of positions ``idx``.

@@ -220,7 +220,7 @@ def small_blocks(monkeypatch):
     runs several times and 6 channels are stored as a lower block triangle."""
     monkeypatch.setattr(skpadim.covariance, "_ROW_BLOCK", 2)
     monkeypatch.setattr(skpadim.covariance, "_GATHER_BYTES", 200)
-    monkeypatch.setattr(skpadim.covariance, "_TILE_BYTES", 100)
+    monkeypatch.setattr(skpadim.covariance, "_SCATTER_CHUNK_BYTES", 500)
     monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", 300)
     monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1000)
 
@@ -247,6 +247,27 @@ def test_chunked_and_block_triangular_fit_equals_sklearn(small_blocks, shrinkage
             L = fitted.cholesky_[p]
             np.testing.assert_array_equal(L, np.tril(L))
             np.testing.assert_allclose(L @ L.T, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_statistics_pickled_as_whole_matrices_load_as_block_triangles(small_blocks):
+    # Earlier versions pickled the running scatter matrices of partial_fit as one
+    # (P, C, C) tensor; such a model must load and go on streaming.
+    X = _embeddings(n=30, seed=14)
+    est = PatchCovariance(dtype="float64").partial_fit(X[:12])
+    blocks = est._moments.s2
+    assert len(blocks.chunks()) > 1 and len(blocks.bounds) > 1
+    whole = torch.zeros((blocks.p, blocks.c, blocks.c), dtype=torch.float64)
+    for j, (c0, c1) in enumerate(blocks.chunks()):
+        for r0, r1, B in blocks.blocks(j):
+            whole[c0:c1, r0:r1, :r1] = B
+    state = est.__getstate__()
+    state["_moments"].s2 = whole
+    loaded = PatchCovariance.__new__(PatchCovariance)
+    loaded.__setstate__(pickle.loads(pickle.dumps(state)))
+    loaded.partial_fit(X[12:])
+    ref = PatchCovariance(dtype="float64").fit(X)
+    np.testing.assert_allclose(loaded.covariance_, ref.covariance_, rtol=1e-10)
+    np.testing.assert_allclose(loaded.location_, ref.location_, rtol=1e-10)
 
 
 @pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
@@ -286,11 +307,14 @@ def test_fixed_shrinkage_does_not_gather_ledoit_wolf_moments():
         est.set_params(shrinkage="ledoit-wolf").partial_fit(X)
 
 
+@pytest.mark.parametrize("layout", ["whole", "block-triangular"])
 @pytest.mark.parametrize("method", ["fit", "partial_fit"])
-def test_positions_singular_in_float32_are_refactorised_in_float64(method):
+def test_positions_singular_in_float32_are_refactorised_in_float64(method, layout, request):
     # Zero-variance channels and no shrinkage: the float32 factorisation of those
     # positions fails and they are redone in float64 (with a jitter), before their
-    # scatter matrices are overwritten by the factors.
+    # scatter matrices are overwritten by the factors or freed.
+    if layout == "block-triangular":
+        request.getfixturevalue("small_blocks")
     X = _embeddings(n=20, dtype=np.float32)
     X[:, 2, 0, :] = 7.0
     est = getattr(PatchCovariance(shrinkage=0.0), method)(X)
