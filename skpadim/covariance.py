@@ -880,10 +880,12 @@ class PatchCovariance(BaseEstimator):
     def _finalize_slices(scatter, step, consume, in_place):
         """Slices of at most ``step`` positions, each within one chunk of the
         statistics. With ``in_place``, a chunk of block triangles is moved out
-        of the factors' way first; with ``consume``, freed once its slices are
-        done."""
+        of the factors' way first if need be; with ``consume``, freed once its
+        slices are done."""
         for j, (c0, c1) in enumerate(scatter.chunks()):
-            if in_place and not scatter.is_whole():
+            # A chunk finalised in one slice is unpacked whole before its factors
+            # are written; one that takes several must be moved out first.
+            if in_place and not scatter.is_whole() and c1 - c0 > step:
                 scatter.move_out(j)
             for start in range(c0, c1, step):
                 yield slice(start, min(start + step, c1))

@@ -225,8 +225,12 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1000)
 
 
+@pytest.mark.parametrize("finalize_bytes", [300, 10**6])  # chunks in several slices, or one
 @pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
-def test_chunked_and_block_triangular_fit_equals_sklearn(small_blocks, shrinkage):
+def test_chunked_and_block_triangular_fit_equals_sklearn(
+    small_blocks, shrinkage, finalize_bytes, monkeypatch
+):
+    monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", finalize_bytes)
     X = _embeddings(n=33, mean=50.0, seed=11)
     est = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
     streamed = PatchCovariance(shrinkage=shrinkage, dtype="float64")
