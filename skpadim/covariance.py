@@ -35,6 +35,14 @@ __all__ = ["PatchCovariance", "ledoit_wolf_shrinkage_from_moments"]
 _CHUNK_BYTES = 256 * 2**20
 # Largest set of Cholesky factors for which scoring keeps their inverses too.
 _WHITENING_BYTES = 1 * 2**30
+# Past that size, scoring on a CPU solves with the factors by block forward
+# substitution, in blocks of this many rows, keeping only the inverses of the
+# diagonal blocks (C x _SOLVE_BLOCK values per position): batched products, where
+# one LAPACK triangular solve per position runs at a fraction of their speed.
+# The factors are read in place, so a chunk of positions is bounded by its
+# residuals only (bytes), and large chunks make the products efficient.
+_SOLVE_BLOCK = 64
+_SOLVE_CHUNK_BYTES = 64 * 2**20
 
 # Working-set targets of the fit on a CPU (bytes). A batch is added a chunk of
 # positions at a time: the chunk's shifted samples (read by several reductions and
@@ -231,6 +239,9 @@ class _Moments:
 
     # Statistics pickled before the block layout existed hold whole matrices.
     rows = None
+    # Samples per position (float64), once a mask has left some out; None while
+    # every position has all ``n``.
+    counts = None
     # Buffer reused by successive add() calls; never copied or pickled.
     _scratch = None
 
@@ -260,13 +271,15 @@ class _Moments:
         )
 
     def _map(self, f):
-        return _Moments(
+        out = _Moments(
             self.n,
             *(None if x is None else f(x) for x in (self.ref, self.s1)),
             self.s2.map(f),
             *(None if x is None else f(x) for x in (self.t, self.q)),
             self.rows,
         )
+        out.counts = None if self.counts is None else f(self.counts)
+        return out
 
     def copy(self):
         return self._map(torch.clone)
@@ -278,8 +291,12 @@ class _Moments:
         """Free the buffer kept between batches."""
         self._scratch = None
 
-    def add(self, X):
-        """Add samples ``X`` of shape (n, C, P): n images, P positions."""
+    def add(self, X, mask=None):
+        """Add samples ``X`` of shape (n, C, P): n images, P positions.
+
+        ``mask``, a bool tensor (n, P), keeps only the samples where it is True:
+        each position then has its own number of samples (``counts``).
+        """
         n, c, p = X.shape
         s2 = self.s2
         device, work = s2.device, s2.dtype
@@ -293,6 +310,14 @@ class _Moments:
             dtype = torch.promote_types(X.dtype, work) if X.is_floating_point() else work
             self.ref = torch.empty((p, c), dtype=dtype, device=device)
         ref = self.ref
+        if mask is not None:
+            if self.counts is None:
+                self.counts = torch.full((p,), float(self.n), dtype=torch.float64, device=device)
+            self.counts += mask.sum(dim=0, dtype=torch.float64).to(device)
+            # A left-out sample is shifted to zero: it adds nothing to any sum.
+            weights = mask.to(device=device, dtype=work).T[:, :, None]  # (P, n, 1)
+        elif self.counts is not None:
+            self.counts += n
         # Images are transposed whole to (positions, channels), a block of them at
         # a time: a whole-matrix transpose is several times faster than gathering
         # the channels of a chunk of positions. The block is what one product
@@ -328,6 +353,8 @@ class _Moments:
                     else:
                         Y = shifted[: (k1 - k0) * (stop - start) * c].view(k1 - k0, stop - start, c)
                         torch.sub(Tk[:, start:stop], ref[start:stop], out=Y)
+                    if mask is not None:
+                        Y.transpose(0, 1).mul_(weights[start:stop, k0:k1])
                     # Per position, the samples as rows: a view, no copy; the
                     # products read it with a leading dimension.
                     Yp = Y.transpose(0, 1)
@@ -346,6 +373,11 @@ class _Moments:
                         self.q[start:stop] += sq.square().sum(dim=1)
         self.n += n
 
+    def sample_counts(self, idx):
+        """Number of samples of positions ``idx``: ``n``, or a float64 tensor
+        once a mask has left samples out."""
+        return self.n if self.counts is None else self.counts[idx]
+
     def centred(self, idx, dtype=None):
         """Location and centred scatter matrices of positions ``idx``.
 
@@ -357,16 +389,20 @@ class _Moments:
         of ``m2`` and ``q = sum |x - mean|^4`` (float64), else None. All come from
         the sums about ``ref`` moved by ``d = mean - ref``, a small shift.
         """
-        n = self.n
-        d = self.s1[idx] / n
+        n = self.sample_counts(idx)
+        per_position = isinstance(n, torch.Tensor)
+        d = self.s1[idx] / (n[:, None] if per_position else n)
         s2, fresh = self.s2.lower(idx, dtype)
         c = s2.shape[-1]
         dw = d.to(s2.dtype)
+        # n d d^T: a scalar n folds into the product's coefficient.
+        nd = dw[:, :, None] * n.to(s2.dtype)[:, None, None] if per_position else dw[:, :, None]
+        value = -1 if per_position else -n
         # One pass over the scatter matrices (the only one that is not in cache).
         if fresh:
-            m2 = s2.addcmul_(dw[:, :, None], dw[:, None, :], value=-n)
+            m2 = s2.addcmul_(nd, dw[:, None, :], value=value)
         else:
-            m2 = torch.addcmul(s2, dw[:, :, None], dw[:, None, :], value=-n)
+            m2 = torch.addcmul(s2, nd, dw[:, None, :], value=value)
         terms = None
         if self.t is not None:
             fro2, dm2d = _norm_and_form(m2, dw, self.rows or c)
@@ -572,6 +608,63 @@ def _invert_lower_blocked(L, out, block=16):
     return out
 
 
+def _check_patch_mask(mask, X):
+    """A validated ``patch_mask`` for embeddings ``X``: None or bool (n, h * w)."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    n, _, h, w = X.shape
+    if mask.shape != (n, h, w):
+        raise ValueError(
+            f"patch_mask: expected shape (n_images, h, w) = ({n}, {h}, {w}) to match the "
+            f"embeddings, got {mask.shape}."
+        )
+    if mask.dtype != bool:
+        if not np.issubdtype(mask.dtype, np.number) or not np.isin(mask, (0, 1)).all():
+            raise ValueError("patch_mask: expected booleans (or 0/1).")
+        mask = mask.astype(bool)
+    return torch.from_numpy(np.ascontiguousarray(mask).reshape(n, h * w))
+
+
+def _inverse_diagonal_blocks(L, block):
+    """Inverses of the ``block``-wide diagonal blocks of lower factors ``L`` (B, C, C).
+
+    Returns a (B, n_blocks, block, block) tensor; the last block, when ``C`` is
+    not a multiple of ``block``, is zero-padded.
+    """
+    m, c, _ = L.shape
+    out = torch.zeros((m, -(-c // block), block, block), dtype=L.dtype, device=L.device)
+    eye = torch.eye(block, dtype=L.dtype, device=L.device)
+    for i, k in enumerate(range(0, c, block)):
+        e = min(k + block, c)
+        out[:, i, : e - k, : e - k] = torch.linalg.solve_triangular(
+            L[:, k:e, k:e], eye[: e - k, : e - k].expand(m, e - k, e - k), upper=False
+        )
+    return out
+
+
+def _solve_lower_blocked(L, diag_inv, R):
+    """``L^-1 R`` for lower factors ``L`` (B, C, C) and ``R`` (B, C, n).
+
+    Block forward substitution: block row ``i`` of the solution is the inverse
+    of ``L``'s diagonal block ``i`` (``diag_inv[:, i]``, from
+    :func:`_inverse_diagonal_blocks`) times ``R``'s block row minus the products
+    of ``L``'s row ``i`` with the rows already found.
+    """
+    c = L.shape[-1]
+    block = diag_inv.shape[-1]
+    out = torch.empty_like(R)
+    for i, k in enumerate(range(0, c, block)):
+        e = min(k + block, c)
+        rhs = R[:, k:e]
+        if k:
+            rhs = torch.baddbmm(rhs, L[:, k:e, :k], out[:, :k], alpha=-1)
+        out[:, k:e] = torch.bmm(diag_inv[:, i, : e - k, : e - k], rhs)
+    return out
+
+
 def _positions_view(X):
     """(n, C, h, w) -> (P, n, C) without copying the channels."""
     n, c, h, w = X.shape
@@ -705,7 +798,7 @@ class PatchCovariance(BaseEstimator):
         return X
 
     # -- fitting ---------------------------------------------------------------
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, patch_mask=None):
         """Fit the per-position Gaussians on embeddings of normal images.
 
         Parameters
@@ -714,6 +807,10 @@ class PatchCovariance(BaseEstimator):
             Patch embeddings of normal images.
         y : None
             Ignored.
+        patch_mask : array-like of bool of shape (n_images, h, w), default=None
+            Which patches enter the statistics: each position is then fitted on
+            the images where its mask is True (a robust fit can leave out the
+            patches it judges defective). None keeps every patch.
 
         Returns
         -------
@@ -722,13 +819,14 @@ class PatchCovariance(BaseEstimator):
         """
         self._validate_params()
         X = self._check_embeddings(X, reset=True)
-        moments = self._accumulate(None, X)
+        mask = _check_patch_mask(patch_mask, X)
+        moments = self._accumulate(None, X, mask)
         self._finalize(moments, X.shape, consume=True)
         if hasattr(self, "_moments"):
             del self._moments
         return self
 
-    def partial_fit(self, X, y=None):
+    def partial_fit(self, X, y=None, patch_mask=None):
         """Update the statistics with a batch of embeddings and refit.
 
         Successive calls give the same result as one :meth:`fit` on all batches
@@ -743,6 +841,10 @@ class PatchCovariance(BaseEstimator):
             Patch embeddings of normal images.
         y : None
             Ignored.
+        patch_mask : array-like of bool of shape (n_images, h, w), default=None
+            Which patches enter the statistics: each position is then fitted on
+            the images where its mask is True (a robust fit can leave out the
+            patches it judges defective). None keeps every patch.
 
         Returns
         -------
@@ -758,14 +860,16 @@ class PatchCovariance(BaseEstimator):
         if first:
             self._validate_params()
         X = self._check_embeddings(X, reset=first)
+        mask = _check_patch_mask(patch_mask, X)
         # Merge into a copy so that a failure part way leaves the statistics intact.
-        moments = self._accumulate(None if first else self._moments.copy(), X)
+        moments = self._accumulate(None if first else self._moments.copy(), X, mask)
         self._finalize(moments, X.shape, consume=False)
         self._moments = moments
         return self
 
-    def _accumulate(self, moments, X):
-        """Merge the statistics of batch X into ``moments`` (None to start afresh).
+    def _accumulate(self, moments, X, mask=None):
+        """Merge the statistics of batch X into ``moments`` (None to start afresh);
+        ``mask``: None or a bool tensor (n, h * w) of the patches to keep.
 
         The batch is transposed to (images, positions, channels) a bounded block
         of images at a time, then added a cache-sized chunk of positions at a
@@ -778,7 +882,7 @@ class PatchCovariance(BaseEstimator):
             moments = _Moments.zeros(
                 h * w, c, self._m2_dtype(), device, higher=self.shrinkage == "ledoit-wolf"
             )
-        moments.add(X)
+        moments.add(X, mask)
         return moments
 
     def _m2_dtype(self):
@@ -796,9 +900,15 @@ class PatchCovariance(BaseEstimator):
         the peak memory of a fit is one set of matrices rather than three.
         """
         moments.release()
-        n = moments.n
+        # With a patch mask, the position with the fewest samples decides.
+        n = moments.n if moments.counts is None else int(moments.counts.min())
         p, c = moments.s1.shape
         ledoit_wolf = self.shrinkage == "ledoit-wolf"
+        if moments.counts is not None and n < (1 if ledoit_wolf else 2):
+            raise ValueError(
+                f"patch_mask leaves a position with {n} training patches; every position "
+                f"needs at least {1 if ledoit_wolf else 2}."
+            )
         if not ledoit_wolf:
             if n < 2:
                 raise ValueError(
@@ -874,7 +984,7 @@ class PatchCovariance(BaseEstimator):
         self.shrinkage_ = shrink.numpy()
         self.grid_shape_ = (int(shape[2]), int(shape[3]))
         self.n_features_in_ = int(c)
-        self.n_samples_seen_ = int(n)
+        self.n_samples_seen_ = int(moments.n)
 
     @staticmethod
     def _finalize_slices(scatter, step, consume, in_place):
@@ -899,7 +1009,7 @@ class PatchCovariance(BaseEstimator):
         scatter matrices) of which only the lower triangle is meaningful unless
         ``full``; the shrinkage is None for a fixed ``eps``.
         """
-        n = moments.n
+        n = moments.sample_counts(idx)
         mean, cov, terms = moments.centred(idx, dtype)
         c = cov.shape[-1]
         if self.shrinkage == "ledoit-wolf":
@@ -910,7 +1020,7 @@ class PatchCovariance(BaseEstimator):
             ridge = (s * tr / (n * c)).to(cov.dtype)[:, None]
         else:
             s = None
-            cov.div_(n - 1)
+            cov.div_((n - 1).to(cov.dtype)[:, None, None] if isinstance(n, torch.Tensor) else n - 1)
             ridge = float(self.shrinkage)
         torch.diagonal(cov, dim1=1, dim2=2).add_(ridge)
         if full and (moments.rows or c) < c:
@@ -943,7 +1053,8 @@ class PatchCovariance(BaseEstimator):
         # the factors; past a size, solve with the factors chunk by chunk instead.
         whitening = self._whitening_matrices() if self.cholesky_.nbytes <= _WHITENING_BYTES else None
         dtype = torch.from_numpy(self.cholesky_[:0]).dtype
-        step = _chunk_size(n, c, bytes_per_value=4)
+        blocked = whitening is None and device.type == "cpu"
+        step = max(1, _SOLVE_CHUNK_BYTES // (3 * n * c * 4)) if blocked else _chunk_size(n, c, 4)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
         diff_buffer = None
         for start in range(0, h * w, step):
@@ -957,11 +1068,26 @@ class PatchCovariance(BaseEstimator):
             diff = torch.sub(rows, loc[:, :, None], out=diff_buffer[: len(rows)])
             if whitening is not None:
                 z = torch.bmm(whitening[start:stop].to(device), diff)
-            else:
+            elif blocked:
+                chol = torch.from_numpy(self.cholesky_[start:stop])
+                z = _solve_lower_blocked(chol, self._diagonal_inverses()[start:stop], diff)
+            else:  # batched GPU solvers handle whole matrices well
                 chol = torch.from_numpy(self.cholesky_[start:stop]).to(device)
                 z = torch.linalg.solve_triangular(chol, diff, upper=False)
             out[start:stop] = (z * z).sum(dim=1).sqrt()
         return out.T.reshape(n, h, w)
+
+    def _diagonal_inverses(self):
+        """Inverses of the ``_SOLVE_BLOCK``-wide diagonal blocks of the factors,
+        (P, n_blocks, b, b), for :func:`_solve_lower_blocked`. Derived, so not
+        pickled."""
+        cached = self.__dict__.get("_block_inverses")
+        if cached is not None and cached[0] is self.cholesky_:
+            return cached[1]
+        chol = torch.from_numpy(self.cholesky_)
+        inverses = _inverse_diagonal_blocks(chol, min(_SOLVE_BLOCK, chol.shape[-1]))
+        self._block_inverses = (self.cholesky_, inverses)
+        return inverses
 
     def _whitening_matrices(self):
         """``L^-1`` per position, from the Cholesky factors by triangular solves.
@@ -1002,6 +1128,7 @@ class PatchCovariance(BaseEstimator):
         # a model saved on a GPU machine loads on a CPU-only one.
         state = self.__dict__.copy()
         state.pop("_whitening", None)
+        state.pop("_block_inverses", None)
         moments = state.get("_moments")
         if moments is not None:
             state["_moments"] = moments.cpu()

@@ -204,14 +204,27 @@ def test_float32_accumulation_with_large_mean_stays_accurate():
         np.testing.assert_allclose(streamed.shrinkage_[p], ref.shrinkage_, rtol=1e-4)
 
 
-def test_large_models_score_by_triangular_solves(monkeypatch):
-    X = _embeddings(n=30, seed=8)
+@pytest.mark.parametrize("block", [64, 4])  # one diagonal block, or several and a ragged one
+def test_large_models_score_by_triangular_solves(monkeypatch, block):
+    X = _embeddings(n=30, c=10, seed=8)
     est = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
     fast = est.mahalanobis(X[:4])
     monkeypatch.setattr(skpadim.covariance, "_WHITENING_BYTES", 0)
+    monkeypatch.setattr(skpadim.covariance, "_SOLVE_BLOCK", block)
+    monkeypatch.setattr(skpadim.covariance, "_SOLVE_CHUNK_BYTES", 2000)  # several chunks
     est_big = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
     np.testing.assert_allclose(est_big.mahalanobis(X[:4]), fast, rtol=1e-10)
     assert "_whitening" not in est_big.__dict__
+    # Against numpy: |L^-1 (x - mean)| per patch.
+    x = X[:4].reshape(4, 10, -1)
+    for p in range(x.shape[-1]):
+        z = np.linalg.solve(est_big.cholesky_[p], (x[:, :, p] - est_big.location_[p]).T)
+        np.testing.assert_allclose(
+            est_big.mahalanobis(X[:4]).reshape(4, -1)[:, p], np.linalg.norm(z, axis=0), rtol=1e-10)
+    # The block inverses are derived: not pickled, rebuilt identically.
+    loaded = pickle.loads(pickle.dumps(est_big))
+    assert "_block_inverses" not in loaded.__dict__
+    np.testing.assert_array_equal(loaded.mahalanobis(X[:4]), est_big.mahalanobis(X[:4]))
 
 
 @pytest.fixture
@@ -364,3 +377,70 @@ def test_blocked_inverse_of_lower_factors_equals_numpy():
         out = torch.empty(4, c, c, dtype=torch.float64)
         skpadim.covariance._invert_lower_blocked(torch.from_numpy(L), out=out)
         np.testing.assert_allclose(out.numpy(), np.linalg.inv(L), rtol=1e-10, atol=1e-12)
+
+
+def _masked_reference(X, mask, shrinkage):
+    """Per position: (location, covariance) of the kept samples, by scikit-learn/numpy."""
+    out = []
+    for p, samples in enumerate(_per_position(X)):
+        kept = samples[mask.reshape(len(X), -1)[:, p]]
+        if shrinkage == "ledoit-wolf":
+            ref = LedoitWolf().fit(kept)
+            out.append((ref.location_, ref.covariance_))
+        else:
+            out.append((kept.mean(0), np.cov(kept, rowvar=False) + shrinkage * np.eye(kept.shape[1])))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["whole", "block-triangular"])
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
+def test_patch_mask_fits_each_position_on_its_kept_patches(shrinkage, layout, request):
+    if layout == "block-triangular":
+        request.getfixturevalue("small_blocks")
+    X = _embeddings(n=40, mean=20.0, seed=15)
+    mask = np.random.RandomState(16).rand(40, *X.shape[2:]) > 0.3
+    est = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X, patch_mask=mask)
+    streamed = PatchCovariance(shrinkage=shrinkage, dtype="float64")
+    for start in range(0, 40, 9):
+        streamed = pickle.loads(pickle.dumps(
+            streamed.partial_fit(X[start : start + 9], patch_mask=mask[start : start + 9])))
+    for p, (location, covariance) in enumerate(_masked_reference(X, mask, shrinkage)):
+        for fitted in (est, streamed):
+            np.testing.assert_allclose(fitted.location_[p], location, rtol=1e-10)
+            np.testing.assert_allclose(fitted.covariance_[p], covariance, rtol=1e-8)
+            L = fitted.cholesky_[p]
+            np.testing.assert_allclose(L @ L.T, covariance, rtol=1e-8, atol=1e-12)
+
+
+def test_patch_mask_of_all_true_and_unmasked_batches_match_plain_fit():
+    X = _embeddings(n=30, seed=17)
+    plain = PatchCovariance().fit(X)
+    masked = PatchCovariance().fit(X, patch_mask=np.ones((30, *X.shape[2:]), dtype=bool))
+    np.testing.assert_allclose(masked.covariance_, plain.covariance_, rtol=1e-5)
+    # A masked batch followed by an unmasked one: the counts carry on.
+    mask = np.ones((30, *X.shape[2:]), dtype=bool)
+    mask[:5, 0, 0] = False
+    mixed = PatchCovariance(dtype="float64").partial_fit(X[:10], patch_mask=mask[:10])
+    mixed.partial_fit(X[10:])
+    location, covariance = _masked_reference(X, mask, "ledoit-wolf")[0]
+    np.testing.assert_allclose(mixed.covariance_[0], covariance, rtol=1e-8)
+    np.testing.assert_allclose(mixed.location_[0], location, rtol=1e-10)
+
+
+def test_patch_mask_validation():
+    X = _embeddings(n=6, seed=18)
+    h, w = X.shape[2:]
+    with pytest.raises(ValueError, match=r"patch_mask: expected shape \(n_images, h, w\)"):
+        PatchCovariance().fit(X, patch_mask=np.ones((6, h, w + 1), dtype=bool))
+    with pytest.raises(ValueError, match="patch_mask: expected booleans"):
+        PatchCovariance().fit(X, patch_mask=np.full((6, h, w), 0.5))
+    mask = np.ones((6, h, w), dtype=bool)
+    mask[1:, 0, 0] = False  # one patch left at that position
+    with pytest.raises(ValueError, match="leaves a position with 1 training patches"):
+        PatchCovariance(shrinkage=0.01).fit(X, patch_mask=mask)
+    fitted = PatchCovariance(shrinkage=0.01).fit(X)
+    before = fitted.cholesky_.copy()
+    with pytest.raises(ValueError, match="leaves a position with 1"):
+        fitted.fit(X, patch_mask=mask)
+    np.testing.assert_array_equal(fitted.cholesky_, before)
+    assert PatchCovariance().fit(X, patch_mask=mask.astype(int)).n_samples_seen_ == 6
