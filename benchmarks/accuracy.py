@@ -22,8 +22,9 @@ at random, are added to ``train/good`` until they make up that fraction of the
 training set, and leave the evaluation; each level runs, on that reduced test
 set, the defaults fitted on the clean training set (the reference), on the
 contaminated one, and on the contaminated one with ``trim`` set to the same
-fraction (the remedy). ``test of`` names the level whose test set a row used,
-``trim bad`` how many of the images ``trim`` left out were defective.
+fraction, by image and by patch (the remedies). ``test of`` names the level whose
+test set a row used, ``trim bad`` how many of the images ``trim`` left out were
+defective (by image only).
 
 Examples (from the repository root)::
 
@@ -71,13 +72,14 @@ COLUMNS = (
     "image_auroc_val", "pixel_auroc_val", "aupro_val",
     "image_auroc_final", "pixel_auroc_final", "aupro_final",
     "image_auroc", "pixel_auroc", "aupro",
-    "fit_s", "maps_img_per_s", "peak_rss_mib", "contamination", "trim", "test_set",
+    "fit_s", "maps_img_per_s", "peak_rss_mib", "contamination", "trim", "trim_by", "test_set",
     "trimmed_defective",
 )  # fmt: skip
 HEADERS = (
     "config", "train", "test",
     "img val", "px val", "PRO val", "img fin", "px fin", "PRO fin",
-    "img all", "px all", "PRO all", "fit s", "im/s", "RSS MiB", "contam", "trim", "test of", "trim bad",
+    "img all", "px all", "PRO all", "fit s", "im/s", "RSS MiB", "contam", "trim", "by", "test of",
+    "trim bad",
 )  # fmt: skip
 
 
@@ -97,7 +99,8 @@ def build(cfg):
     from skpadim import PatchGaussianDetector, TorchvisionExtractor
 
     change = CONFIGS[cfg["config"]]
-    det = PatchGaussianDetector(random_state=cfg["seed"], trim=cfg["trim"])
+    det = PatchGaussianDetector(random_state=cfg["seed"], trim=cfg["trim"],
+                                trim_by=cfg.get("trim_by") or "patch")
     det.set_params(**{k: v for k, v in change.items() if k not in EXTRACTOR_KEYS})
     ext = {k: change[k] for k in ("backbone", "mean", "std") if k in change}
     size = change.get("image_size")
@@ -139,6 +142,7 @@ def worker(cfg):
               "maps_img_per_s": len(y) / t_maps.seconds,
               "peak_rss_mib": common.max_rss_bytes() / common.MIB,
               "contamination": cfg["contamination"], "trim": cfg["trim"],
+              "trim_by": (cfg.get("trim_by") or "patch") if cfg["trim"] else "",
               "test_set": cfg.get("test_reduced_for", 0.0),
               "params": {k: repr(v) for k, v in det.get_params().items()
                          if not k.startswith("feature_extractor__") or k.endswith(
@@ -256,10 +260,10 @@ def main(argv=None):
         # (config, contamination, trim, defective images in training): per level,
         # a clean fit scored on the same reduced test set as the contaminated
         # ones, so that the three rows of a level compare like with like.
-        runs = [(c, 0.0, 0.0, False) for c in args.configs]
-        runs += [(name, frac, trim, mixed) for frac in args.contaminate for name, trim, mixed in
-                 (("defaults", 0.0, False), ("defaults", 0.0, True),
-                  ("defaults", frac, True))]  # fmt: skip
+        runs = [(c, 0.0, 0.0, "", False) for c in args.configs]
+        runs += [("defaults", frac, trim, by, mixed) for frac in args.contaminate
+                 for trim, by, mixed in ((0.0, "", False), (0.0, "", True),
+                                         (frac, "image", True), (frac, "patch", True))]  # fmt: skip
         name = "_".join(common.slug(p) for p in ("accuracy", dataset, args.tag) if p)
         if args.contaminate:
             name += "_contamination"
@@ -272,7 +276,7 @@ def main(argv=None):
             return common.write_results(name, rows, COLUMNS, meta, args.results_dir)
 
         rows = []
-        for i, (config, frac, trim, mixed) in enumerate(runs):
+        for i, (config, frac, trim, trim_by, mixed) in enumerate(runs):
             keep = np.ones(len(test), bool)
             extra = []
             if frac:
@@ -284,14 +288,14 @@ def main(argv=None):
                 keep[moved] = False
                 extra = test.path[moved].tolist() if mixed else []
             cfg = {"config": config, "seed": args.seed, "threads": threads,
-                   "contamination": frac if mixed else 0.0, "trim": trim,
+                   "contamination": frac if mixed else 0.0, "trim": trim, "trim_by": trim_by,
                    "n_clean_train": len(train), "test_reduced_for": frac,
                    "train_paths": train.path.tolist() + extra,
                    "test_paths": test.path[keep].tolist(),
                    "mask_paths": test.mask_path[keep].tolist(),
                    "labels": test.label[keep].tolist(), "val": val[keep].tolist(),
                    "figure": args.figure if i == 0 else None}  # fmt: skip
-            print(f"[{config} contamination={frac if mixed else 0.0} trim={trim}, test set of "
+            print(f"[{config} contamination={frac if mixed else 0.0} trim={trim} {trim_by}, test set of "
                   f"level {frac}] ...", flush=True)
             result = common.run_worker(__file__, cfg, tmp, threads, f"run{i}")
             rows.append(result)

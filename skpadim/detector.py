@@ -222,13 +222,20 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         from it, or use a calibrated threshold of your own on
         :meth:`score_samples`).
     trim : float in [0, 0.5), default=0.0
-        Fraction of the training images left out of the final fit: those with
-        the highest out-of-fold anomaly scores (the training images are split
-        into two halves, alternately, and each half is scored by a Gaussian
-        fitted on the other). A remedy for training folders that hold a few
-        defective images: a fit on all of them would learn their defects as
-        normal. It costs two more passes over the training images. 0 fits once
-        on all of them.
+        Fraction of the training data left out of the final fit, judged out of
+        fold: the training images are split into two halves, alternately, and
+        each half is scored by a Gaussian fitted on the other. A remedy for
+        training folders that hold a few defective images: a fit on all of them
+        would learn their defects as normal. It costs two more passes over the
+        training images. 0 fits once on all of them. Set it a little above the
+        fraction of defective images you expect.
+    trim_by : {"patch", "image"}, default="patch"
+        What ``trim`` leaves out. ``"patch"``: at each position, the fraction
+        ``trim`` of training patches farthest from the other half's Gaussian,
+        so a defect is dropped where it is and the rest of its image still
+        counts. ``"image"``: the fraction ``trim`` of whole training images
+        with the highest out-of-fold image scores (listed in
+        ``trimmed_indices_``).
     batch_size : int, default=32
         Images per batch; bounds the memory of fit and scoring.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -259,7 +266,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         Smallest and largest height/width ratio of the training images.
     trimmed_indices_ : ndarray of int
         Indices (into the normal training images) of the images left out by
-        ``trim``; empty when ``trim=0``.
+        ``trim`` with ``trim_by="image"``; empty otherwise.
     fitted_on_embeddings_ : bool
         True when ``fit`` received patch embeddings rather than images.
 
@@ -289,6 +296,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         "sigma": [Interval(numbers.Real, 0, None, closed="left")],
         "image_score": [StrOptions({"max"}), Interval(numbers.Real, 0, 1, closed="right")],
         "trim": [Interval(numbers.Real, 0, 0.5, closed="left")],
+        "trim_by": [StrOptions({"patch", "image"})],
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="both")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
@@ -307,6 +315,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         image_score=0.01,
         contamination=0.01,
         trim=0.0,
+        trim_by="patch",
         batch_size=32,
         device="auto",
         compact=False,
@@ -320,6 +329,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         self.image_score = image_score
         self.contamination = contamination
         self.trim = trim
+        self.trim_by = trim_by
         self.batch_size = batch_size
         self.device = device
         self.compact = compact
@@ -446,7 +456,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         fitted.aspect_range_ = (float(aspects.min()), float(aspects.max()))
         fitted.offset_ = 0.0  # provisional: the scoring passes below use it
         fitted.trimmed_indices_ = np.array([], dtype=np.intp)
-        if trimming:
+        if trimming and self.trim_by == "image":
             # A defective training image is learnt as normal at its defect's
             # positions, which hides it from an in-sample score; each half is
             # therefore scored by the Gaussian of the other half, and the n_trim
@@ -460,6 +470,22 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
             kept = _take_images(X, np.sort(order[n_trim:]))
             gaussian = self._fit_gaussian(kept, extractor, channels)[0]
+        elif trimming:
+            # Per position, the n_trim training patches farthest (out of fold)
+            # from the Gaussian of the other half are left out: a defect covers
+            # few positions, so the rest of a defective image still counts.
+            distances = np.empty((n_images, 0), dtype=np.float32)
+            for half, other in ((halves[0], gaussian_b), (halves[1], gaussian_a)):
+                fitted.gaussian_ = other
+                d = fitted._patch_distances(_take_images(X, half))
+                if distances.shape[1] == 0:
+                    distances = np.empty((n_images, d.shape[1]), dtype=np.float32)
+                distances[half] = d
+            fitted.gaussian_ = gaussian_a = gaussian_b = None  # free them before the refit
+            worst = np.argsort(distances, axis=0, kind="stable")[-n_trim:]
+            keep = np.ones(distances.shape, dtype=bool)
+            np.put_along_axis(keep, worst, False, axis=0)
+            gaussian = self._fit_gaussian(X, extractor, channels, keep=keep)[0]
         fitted.gaussian_ = gaussian
         train_scores = fitted.score_samples(X)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
@@ -468,14 +494,15 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         )
         return self
 
-    def _fit_gaussian(self, X, extractor, channels=None):
-        """One streaming pass: the per-position Gaussian of X's (pooled) embeddings."""
+    def _fit_gaussian(self, X, extractor, channels=None, keep=None):
+        """One streaming pass: the per-position Gaussian of X's (pooled) embeddings;
+        ``keep``: None or bool (n_images, h * w), the patches to fit on."""
         gaussian = PatchCovariance(
             shrinkage=self.shrinkage, device=self.device, dtype="float32",
             store_covariance=False, compact=self.compact,
         )
         gaussian._validate_params()
-        moments, n_channels, aspects = None, None, []
+        moments, n_channels, aspects, start = None, None, [], 0
         for emb in self._embedding_batches(X, extractor):
             if n_channels is None:
                 n_channels, input_shape = emb.shape[1], emb.input_shape
@@ -490,7 +517,9 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
             selected = self._pooled(take(emb))
             selected = gaussian._check_embeddings(selected, reset=True)
-            moments = gaussian._accumulate(moments, selected)
+            mask = None if keep is None else torch.from_numpy(keep[start : start + len(emb)])
+            moments = gaussian._accumulate(moments, selected, mask)
+            start += len(emb)
         gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
         return gaussian, channels, n_channels, input_shape, np.concatenate(aspects)
 
@@ -508,6 +537,15 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             )
         rng = check_random_state(self.random_state)
         return np.sort(rng.choice(n_channels, n_features, replace=False))
+
+    def _patch_distances(self, X):
+        """Mahalanobis distance of every patch of X, (n_images, h * w), unsmoothed."""
+        extractor = None if self.fitted_on_embeddings_ else self.feature_extractor_
+        take = _ChannelTaker(self.channel_indices_)
+        return np.concatenate([
+            self.gaussian_._mahalanobis_tensor(self._select(emb, take)).flatten(1).cpu().numpy()
+            for emb in self._embedding_batches(X, extractor)
+        ])
 
     # -- maps and scores -----------------------------------------------------
     def _iter_maps(self, X):

@@ -40,10 +40,10 @@ FORMAT_VERSION = 2
 _MAGIC = "skpadim-detector"
 
 _DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "contamination",
-                    "trim", "batch_size", "device", "compact", "random_state")
+                    "trim", "trim_by", "batch_size", "device", "compact", "random_state")
 # Files written before these parameters existed were fitted with the paper's
-# recipe, which is what these values give back.
-_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "trim": 0.0}
+# recipe, or (trim_by) trimmed whole images, which is what these values give back.
+_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "trim": 0.0, "trim_by": "image"}
 _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
                      "batch_size", "device")
 

@@ -13,7 +13,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 import skpadim.detector
-from skpadim import PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
+from skpadim import PatchCovariance, PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
 from skpadim.detector import gaussian_blur, upsample_and_blur
 
 
@@ -379,7 +379,7 @@ def test_trim_leaves_out_defective_training_images_and_equals_a_fit_without_them
     # Two defective images hidden in the training set (indices 3 and 17).
     train = normal_images.copy()
     train[[3, 17]] = test_images[[4, 5]]
-    trimmed = _tiny_detector(trim=0.1).fit(train)  # floor(0.1 * 24) = 2 left out
+    trimmed = _tiny_detector(trim=0.1, trim_by="image").fit(train)  # floor(0.1 * 24) = 2 left out
     np.testing.assert_array_equal(trimmed.trimmed_indices_, [3, 17])
     # The refit is exactly a fit on the kept images, with the same channels.
     clean = _tiny_detector().fit(np.delete(train, [3, 17], axis=0))
@@ -397,7 +397,7 @@ def test_trim_leaves_out_defective_training_images_and_equals_a_fit_without_them
 def test_trim_ranks_images_by_out_of_fold_scores(normal_images, test_images):
     train = normal_images.copy()
     train[[2, 9, 15]] = test_images[[4, 5, 6]]
-    trimmed = _tiny_detector(trim=0.05).fit(train)  # floor(0.05 * 24) = 1 left out
+    trimmed = _tiny_detector(trim=0.05, trim_by="image").fit(train)  # floor(0.05 * 24) = 1 left out
     # Reference: each half scored by a detector fitted on the other half.
     even, odd = np.arange(0, 24, 2), np.arange(1, 24, 2)
     scores = np.empty(24)
@@ -405,6 +405,41 @@ def test_trim_ranks_images_by_out_of_fold_scores(normal_images, test_images):
     scores[odd] = _tiny_detector().fit(train[even]).score_samples(train[odd])
     np.testing.assert_array_equal(trimmed.trimmed_indices_, [np.argmin(scores)])
     assert np.argmin(scores) in (2, 9, 15)
+
+
+def test_patch_trim_leaves_out_the_farthest_patches_per_position(normal_images, test_images):
+    # Reference built from the public pieces: out-of-fold patch distances from
+    # detectors fitted on each half, the worst patch per position dropped, and a
+    # PatchCovariance fitted with that mask on the same pooled channels.
+    from skpadim.detector import pool_embeddings
+
+    train = normal_images.copy()
+    train[[3, 17]] = test_images[[4, 5]]
+    trimmed = _tiny_detector(trim=0.05).fit(train)  # floor(0.05 * 24) = 1 patch per position
+    assert trimmed.trim_by == "patch" and trimmed.trimmed_indices_.size == 0
+    extractor = trimmed.feature_extractor_
+    channels = trimmed.channel_indices_
+
+    def pooled(images):
+        emb = extractor.transform(images)[:, channels]
+        return pool_embeddings(torch.from_numpy(np.ascontiguousarray(emb)), 3)
+
+    even, odd = np.arange(0, 24, 2), np.arange(1, 24, 2)
+    distances = np.empty((24, *trimmed.gaussian_.grid_shape_))
+    for half, other in ((even, odd), (odd, even)):
+        gaussian = _tiny_detector().fit(train[other]).gaussian_
+        distances[half] = gaussian.mahalanobis(pooled(train[half]))
+    keep = distances < distances.max(axis=0, keepdims=True)
+    reference = PatchCovariance(shrinkage=0.01, store_covariance=False).fit(
+        pooled(train), patch_mask=keep)
+    np.testing.assert_allclose(trimmed.gaussian_.cholesky_, reference.cholesky_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(trimmed.gaussian_.location_, reference.location_, rtol=1e-5, atol=1e-6)
+    # Most positions drop a patch of one of the two defective images ...
+    assert np.isin(np.argmax(distances, axis=0), [3, 17]).mean() > 0.5
+    # ... and the trimmed fit separates the defects better than the contaminated one.
+    naive = _tiny_detector().fit(train)
+    gap = lambda s: s[:4].min() - s[4:].max()  # noqa: E731 (normal minus defective scores)
+    assert gap(trimmed.score_samples(test_images)) > gap(naive.score_samples(test_images))
 
 
 def test_even_pooling_is_refused(normal_images):
