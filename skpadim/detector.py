@@ -229,13 +229,15 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         would learn their defects as normal. It costs two more passes over the
         training images. 0 fits once on all of them. Set it a little above the
         fraction of defective images you expect.
-    trim_by : {"patch", "image"}, default="patch"
-        What ``trim`` leaves out. ``"patch"``: at each position, the fraction
+    trim_by : {"image", "patch"}, default="image"
+        What ``trim`` leaves out. ``"image"``: the fraction ``trim`` of whole
+        training images with the highest out-of-fold image scores (listed in
+        ``trimmed_indices_``). ``"patch"``: at each position, the fraction
         ``trim`` of training patches farthest from the other half's Gaussian,
         so a defect is dropped where it is and the rest of its image still
-        counts. ``"image"``: the fraction ``trim`` of whole training images
-        with the highest out-of-fold image scores (listed in
-        ``trimmed_indices_``).
+        counts; it recovers more of the lost localisation (pixel AUROC, AUPRO)
+        but less of the image-level detection, since the rare good patches it
+        also drops make the Gaussians too tight for the next unusual good image.
     batch_size : int, default=32
         Images per batch; bounds the memory of fit and scoring.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -315,7 +317,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         image_score=0.01,
         contamination=0.01,
         trim=0.0,
-        trim_by="patch",
+        trim_by="image",
         batch_size=32,
         device="auto",
         compact=False,

@@ -415,8 +415,8 @@ def test_patch_trim_leaves_out_the_farthest_patches_per_position(normal_images, 
 
     train = normal_images.copy()
     train[[3, 17]] = test_images[[4, 5]]
-    trimmed = _tiny_detector(trim=0.05).fit(train)  # floor(0.05 * 24) = 1 patch per position
-    assert trimmed.trim_by == "patch" and trimmed.trimmed_indices_.size == 0
+    trimmed = _tiny_detector(trim=0.05, trim_by="patch").fit(train)  # 1 patch per position
+    assert trimmed.trimmed_indices_.size == 0
     extractor = trimmed.feature_extractor_
     channels = trimmed.channel_indices_
 
