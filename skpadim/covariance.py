@@ -39,7 +39,8 @@ _WHITENING_BYTES = 1 * 2**30
 # substitution, in blocks of this many rows, keeping only the inverses of the
 # diagonal blocks (C x _SOLVE_BLOCK values per position): batched products, where
 # one LAPACK triangular solve per position runs at a fraction of their speed.
-# The factors are read in place, so a chunk of positions is bounded by its
+# Even, and twice the blocked Cholesky's block for wide matrices, whose diagonal
+# inverses the fit then reuses. The factors are read in place, so a chunk of positions is bounded by its
 # residuals only (bytes), and large chunks make the products efficient.
 _SOLVE_BLOCK = 64
 _SOLVE_CHUNK_BYTES = 64 * 2**20
@@ -546,12 +547,15 @@ def cholesky_lower(cov):
     return L
 
 
-def _cholesky_blocked_(A, block=32):
+def _cholesky_blocked_(A, block=32, diag_inverses=None):
     """Lower Cholesky factors of a batch of SPD matrices ``A`` (B, C, C), in place.
 
     Reads only the lower triangle of ``A`` and zeroes the strict upper one. Returns
     a bool mask of the matrices that are not positive definite in ``A``'s
-    precision (their factor is garbage).
+    precision (their factor is garbage). ``diag_inverses``, if given, a
+    (B, n_blocks, block, block) tensor, receives the inverses of the factors'
+    diagonal blocks, which the algorithm computes anyway (the last one, ragged,
+    zero-padded), exactly as :func:`_inverse_diagonal_blocks` would.
 
     Left-looking blocked algorithm: each block column is updated by one batched
     product, its ``block``-wide diagonal block factorised by LAPACK, and the panel
@@ -572,10 +576,11 @@ def _cholesky_blocked_(A, block=32):
         diag, info = torch.linalg.cholesky_ex(col[:, : e - k])
         failed |= info > 0
         col[:, : e - k] = diag
+        if e < c or diag_inverses is not None:
+            inverse = _triangular_inverse(diag, eye)
+        if diag_inverses is not None:
+            diag_inverses[:, k // block, : e - k, : e - k] = inverse
         if e < c:
-            inverse = torch.linalg.solve_triangular(
-                diag, eye[: e - k, : e - k].expand_as(diag), upper=False
-            )
             col[:, e - k :] = torch.bmm(col[:, e - k :], inverse.mT)
     # The strict upper triangle is never read above; zeroed once here, in one
     # contiguous pass (block by block, the strided zeroing cost as much as the
@@ -628,20 +633,42 @@ def _check_patch_mask(mask, X):
     return torch.from_numpy(np.ascontiguousarray(mask).reshape(n, h * w))
 
 
-def _inverse_diagonal_blocks(L, block):
+def _triangular_inverse(D, eye):
+    """Inverses of lower-triangular blocks ``D`` (B, b, b); ``eye`` at least b wide."""
+    b = D.shape[-1]
+    return torch.linalg.solve_triangular(D, eye[:b, :b].expand_as(D), upper=False)
+
+
+def _inverse_diagonal_blocks(L, block, halves=None):
     """Inverses of the ``block``-wide diagonal blocks of lower factors ``L`` (B, C, C).
 
     Returns a (B, n_blocks, block, block) tensor; the last block, when ``C`` is
-    not a multiple of ``block``, is zero-padded.
+    not a multiple of ``block``, is zero-padded. Each is assembled from the
+    inverses of its two ``block / 2``-wide diagonal blocks, ``[[A, 0], [B, D]]^-1
+    = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]``: ``halves`` (B, n_halves, block / 2,
+    block / 2) when a blocked Cholesky has them already
+    (:func:`_cholesky_blocked_`), else found here the same way, so that both
+    routes give the same bits.
     """
     m, c, _ = L.shape
+    half = block // 2
+    if halves is None:
+        eye = torch.eye(half, dtype=L.dtype, device=L.device)
+        halves = torch.zeros((m, -(-c // half), half, half), dtype=L.dtype, device=L.device)
+        for i, k in enumerate(range(0, c, half)):
+            e = min(k + half, c)
+            halves[:, i, : e - k, : e - k] = _triangular_inverse(L[:, k:e, k:e].contiguous(), eye)
     out = torch.zeros((m, -(-c // block), block, block), dtype=L.dtype, device=L.device)
-    eye = torch.eye(block, dtype=L.dtype, device=L.device)
     for i, k in enumerate(range(0, c, block)):
         e = min(k + block, c)
-        out[:, i, : e - k, : e - k] = torch.linalg.solve_triangular(
-            L[:, k:e, k:e], eye[: e - k, : e - k].expand(m, e - k, e - k), upper=False
-        )
+        a = min(half, e - k)  # rows of the first half
+        out[:, i, :a, :a] = halves[:, 2 * i, :a, :a]
+        if e - k > half:
+            d = e - k - half
+            lower = L[:, k + half : e, k : k + half]
+            inv_d = halves[:, 2 * i + 1, :d, :d]
+            out[:, i, half : half + d, half : half + d] = inv_d
+            out[:, i, half : half + d, :half] = torch.bmm(inv_d, torch.bmm(lower, halves[:, 2 * i])).neg_()
     return out
 
 
@@ -942,6 +969,19 @@ class PatchCovariance(BaseEstimator):
         location = torch.empty((p, c), dtype=torch.float64)
         budget = _FINALIZE_BYTES if device.type == "cpu" else _GPU_FINALIZE_BYTES
         step = max(1, budget // (c * c * scatter.element_size()))
+        chol_block = 16 if c <= 128 else 32
+        # Factors too large for whitening matrices are solved with by blocks at
+        # scoring time; the inverses of their diagonal blocks are assembled here
+        # from those the factorisation finds anyway, rather than later by a pass
+        # of small triangular solves over all the factors (seconds for Rd550).
+        block_inverses = halves = None
+        if (device.type == "cpu" and not self.compact and 2 * chol_block == _SOLVE_BLOCK
+                and p * c * c * torch.empty((), dtype=out_dtype).element_size() > _WHITENING_BYTES):
+            n_blocks = -(-c // _SOLVE_BLOCK)
+            block_inverses = torch.zeros((p, n_blocks, _SOLVE_BLOCK, _SOLVE_BLOCK), dtype=out_dtype)
+            # Zeros once: the same ragged corner is left unwritten every time.
+            halves = torch.zeros((min(step, p), -(-c // chol_block), chol_block, chol_block),
+                                 dtype=scatter.dtype)  # fmt: skip
         for sl in self._finalize_slices(scatter, step, consume, in_place):
             start = sl.start
             mean, cov, s = self._shrunk_covariance(moments, sl, full=cov_out is not None)
@@ -951,7 +991,8 @@ class PatchCovariance(BaseEstimator):
             if cov_out is not None:
                 cov_out[sl] = cov.cpu().numpy()
             if device.type == "cpu":
-                failed = _cholesky_blocked_(cov, block=16 if c <= 128 else 32)
+                inverses = None if halves is None else halves[: len(cov)]
+                failed = _cholesky_blocked_(cov, block=chol_block, diag_inverses=inverses)
             else:  # batched GPU solvers factorise whole matrices well
                 cov, info = torch.linalg.cholesky_ex(cov)
                 failed = info > 0
@@ -973,10 +1014,18 @@ class PatchCovariance(BaseEstimator):
                 factor[idx] = fixed.to(factor.dtype)
             if self.compact:
                 factor.copy_(factor.to(torch.float16))
+            if block_inverses is not None:
+                block_inverses[sl] = _inverse_diagonal_blocks(
+                    factor, _SOLVE_BLOCK, halves=halves[: len(factor)].to(factor.dtype))
+                if len(idx):  # refactorised: their inverses were not the Cholesky's
+                    block_inverses[at] = _inverse_diagonal_blocks(factor[idx], _SOLVE_BLOCK)
         # C order: a layout that changed after a pickle round trip would change the
         # floating-point results of the triangular solves.
         self.location_ = np.ascontiguousarray(location.numpy(), dtype=self.dtype)
         self.cholesky_ = np.ascontiguousarray(chol.cpu().numpy())
+        self.__dict__.pop("_block_inverses", None)
+        if block_inverses is not None:
+            self._block_inverses = (self.cholesky_, block_inverses)
         if cov_out is not None:
             self.covariance_ = cov_out
         elif hasattr(self, "covariance_"):
@@ -1084,8 +1133,7 @@ class PatchCovariance(BaseEstimator):
         cached = self.__dict__.get("_block_inverses")
         if cached is not None and cached[0] is self.cholesky_:
             return cached[1]
-        chol = torch.from_numpy(self.cholesky_)
-        inverses = _inverse_diagonal_blocks(chol, min(_SOLVE_BLOCK, chol.shape[-1]))
+        inverses = _inverse_diagonal_blocks(torch.from_numpy(self.cholesky_), _SOLVE_BLOCK)
         self._block_inverses = (self.cholesky_, inverses)
         return inverses
 

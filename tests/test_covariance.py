@@ -204,7 +204,9 @@ def test_float32_accumulation_with_large_mean_stays_accurate():
         np.testing.assert_allclose(streamed.shrinkage_[p], ref.shrinkage_, rtol=1e-4)
 
 
-@pytest.mark.parametrize("block", [64, 4])  # one diagonal block, or several and a ragged one
+# 64: one diagonal block; 4: several and a ragged one; 32: twice the Cholesky's
+# block for these 10 channels, so the fit assembles the block inverses itself.
+@pytest.mark.parametrize("block", [64, 4, 32])
 def test_large_models_score_by_triangular_solves(monkeypatch, block):
     X = _embeddings(n=30, c=10, seed=8)
     est = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
@@ -213,6 +215,7 @@ def test_large_models_score_by_triangular_solves(monkeypatch, block):
     monkeypatch.setattr(skpadim.covariance, "_SOLVE_BLOCK", block)
     monkeypatch.setattr(skpadim.covariance, "_SOLVE_CHUNK_BYTES", 2000)  # several chunks
     est_big = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
+    assert ("_block_inverses" in est_big.__dict__) == (block == 32)
     np.testing.assert_allclose(est_big.mahalanobis(X[:4]), fast, rtol=1e-10)
     assert "_whitening" not in est_big.__dict__
     # Against numpy: |L^-1 (x - mean)| per patch.
@@ -221,10 +224,18 @@ def test_large_models_score_by_triangular_solves(monkeypatch, block):
         z = np.linalg.solve(est_big.cholesky_[p], (x[:, :, p] - est_big.location_[p]).T)
         np.testing.assert_allclose(
             est_big.mahalanobis(X[:4]).reshape(4, -1)[:, p], np.linalg.norm(z, axis=0), rtol=1e-10)
-    # The block inverses are derived: not pickled, rebuilt identically.
+    # The block inverses are derived: not pickled, rebuilt identically (those the
+    # fit assembled from its Cholesky's too).
+    inverses = est_big._diagonal_inverses().numpy()
     loaded = pickle.loads(pickle.dumps(est_big))
     assert "_block_inverses" not in loaded.__dict__
     np.testing.assert_array_equal(loaded.mahalanobis(X[:4]), est_big.mahalanobis(X[:4]))
+    np.testing.assert_array_equal(loaded._diagonal_inverses().numpy(), inverses)
+    for k in range(0, 10, block):
+        e = min(k + block, 10)
+        expected = np.linalg.inv(est_big.cholesky_[:, k:e, k:e])
+        np.testing.assert_allclose(inverses[:, k // block, : e - k, : e - k], expected, rtol=1e-10,
+                                   atol=1e-12 * np.abs(expected).max())
 
 
 @pytest.fixture
@@ -340,6 +351,19 @@ def test_positions_singular_in_float32_are_refactorised_in_float64(method, layou
     L = est.cholesky_.astype(np.float64)
     np.testing.assert_allclose(L @ L.transpose(0, 2, 1), ref.covariance_, atol=1e-4)
     np.testing.assert_allclose(est.cholesky_[:, 2, 2][3:], ref.cholesky_[:, 2, 2][3:], rtol=1e-4)
+
+
+def test_block_inverses_of_refactorised_positions_are_their_own(monkeypatch):
+    # Positions singular in float32 are refactorised in float64 after the blocked
+    # Cholesky has produced its block inverses: theirs must come from the new factor.
+    monkeypatch.setattr(skpadim.covariance, "_WHITENING_BYTES", 0)
+    monkeypatch.setattr(skpadim.covariance, "_SOLVE_BLOCK", 32)
+    X = _embeddings(n=20, c=10, dtype=np.float32)
+    X[:, 2, 0, :] = 7.0
+    est = PatchCovariance(shrinkage=0.0).fit(X)
+    fitted = est._block_inverses[1].numpy()
+    est.__dict__.pop("_block_inverses")
+    np.testing.assert_array_equal(fitted, est._diagonal_inverses().numpy())
 
 
 def test_blocked_cholesky_matches_lapack():
