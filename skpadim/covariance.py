@@ -49,12 +49,14 @@ _SOLVE_CHUNK_BYTES = 64 * 2**20
 # positions at a time: the chunk's shifted samples (read by several reductions and
 # products) and each product's output tile should stay in cache, while every
 # chunk still amortises torch's per-call overhead. The finalisation factorises a
-# chunk of covariances large enough for the batched products of the blocked
+# chunk of wide covariances large enough for the batched products of the blocked
 # Cholesky to be efficient (100 matrices of 550 channels factorise 1.7x faster
-# per matrix than 13 do). On a GPU the chunks only bound memory, so the gathering
-# ones are much larger.
+# per matrix than 13 do); narrow ones, in place, by cache-sized chunks whose
+# temporaries the allocator reuses. On a GPU the chunks only bound memory, so
+# the gathering ones are much larger.
 _GATHER_BYTES = 4 * 2**20
 _FINALIZE_BYTES = 128 * 2**20
+_FINALIZE_WHOLE_BYTES = 16 * 2**20
 _GPU_SCALE = 64
 _GPU_FINALIZE_BYTES = 1 * 2**30
 # Bound on the images transposed at once (bytes): the samples one accumulating
@@ -967,7 +969,10 @@ class PatchCovariance(BaseEstimator):
         cov_out = np.empty((p, c, c), dtype=self.dtype) if self.store_covariance else None
         shrink = torch.full((p,), float("nan"), dtype=torch.float64)
         location = torch.empty((p, c), dtype=torch.float64)
-        budget = _FINALIZE_BYTES if device.type == "cpu" else _GPU_FINALIZE_BYTES
+        if device.type != "cpu":
+            budget = _GPU_FINALIZE_BYTES
+        else:
+            budget = _FINALIZE_WHOLE_BYTES if scatter.is_whole() else _FINALIZE_BYTES
         step = max(1, budget // (c * c * scatter.element_size()))
         chol_block = 16 if c <= 128 else 32
         # Factors too large for whitening matrices are solved with by blocks at

@@ -246,6 +246,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(skpadim.covariance, "_GATHER_BYTES", 200)
     monkeypatch.setattr(skpadim.covariance, "_SCATTER_CHUNK_BYTES", 500)
     monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", 300)
+    monkeypatch.setattr(skpadim.covariance, "_FINALIZE_WHOLE_BYTES", 300)
     monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1000)
 
 
@@ -343,6 +344,9 @@ def test_positions_singular_in_float32_are_refactorised_in_float64(method, layou
     # scatter matrices are overwritten by the factors or freed.
     if layout == "block-triangular":
         request.getfixturevalue("small_blocks")
+    else:  # whole matrices factorised in place, a few positions at a time
+        request.getfixturevalue("monkeypatch").setattr(
+            skpadim.covariance, "_FINALIZE_WHOLE_BYTES", 300)
     X = _embeddings(n=20, dtype=np.float32)
     X[:, 2, 0, :] = 7.0
     est = getattr(PatchCovariance(shrinkage=0.0), method)(X)
