@@ -227,7 +227,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         each half is scored by a Gaussian fitted on the other. A remedy for
         training folders that hold a few defective images: a fit on all of them
         would learn their defects as normal. It costs two more passes over the
-        training images. 0 fits once on all of them. Set it a little above the
+        training images. 0 fits once on all of them. Set it to about the
         fraction of defective images you expect.
     trim_by : {"image", "patch"}, default="image"
         What ``trim`` leaves out. ``"image"``: the fraction ``trim`` of whole
