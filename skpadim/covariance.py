@@ -40,23 +40,22 @@ _WHITENING_BYTES = 1 * 2**30
 # diagonal blocks (C x _SOLVE_BLOCK values per position): batched products, where
 # one LAPACK triangular solve per position runs at a fraction of their speed.
 # Even, and twice the blocked Cholesky's block for wide matrices, whose diagonal
-# inverses the fit then reuses. The factors are read in place, so a chunk of positions is bounded by its
-# residuals only (bytes), and large chunks make the products efficient.
+# inverses the fit then reuses. The factors are read in place, so a chunk of
+# positions is bounded by its residuals only (bytes), and large chunks make the
+# products efficient.
 _SOLVE_BLOCK = 64
 _SOLVE_CHUNK_BYTES = 64 * 2**20
 
 # Working-set targets of the fit on a CPU (bytes). A batch is added a chunk of
 # positions at a time: the chunk's shifted samples (read by several reductions and
 # products) and each product's output tile should stay in cache, while every
-# chunk still amortises torch's per-call overhead. The finalisation factorises a
-# chunk of wide covariances large enough for the batched products of the blocked
-# Cholesky to be efficient (100 matrices of 550 channels factorise 1.7x faster
-# per matrix than 13 do); narrow ones, in place, by cache-sized chunks whose
-# temporaries the allocator reuses. On a GPU the chunks only bound memory, so
-# the gathering ones are much larger.
+# chunk still amortises torch's per-call overhead. The finalisation factorises
+# whole (narrow) matrices in place by cache-sized chunks, whose temporaries the
+# allocator reuses; block-triangular ones a chunk of their storage at a time
+# (see _SCATTER_CHUNK_BYTES). On a GPU the chunks only bound memory, so they are
+# much larger.
 _GATHER_BYTES = 4 * 2**20
-_FINALIZE_BYTES = 128 * 2**20
-_FINALIZE_WHOLE_BYTES = 16 * 2**20
+_FINALIZE_BYTES = 16 * 2**20
 _GPU_SCALE = 64
 _GPU_FINALIZE_BYTES = 1 * 2**30
 # Bound on the images transposed at once (bytes): the samples one accumulating
@@ -69,9 +68,9 @@ _TRANSPOSE_BYTES = 256 * 2**20
 # products' flops, memory and memory traffic.
 _ROW_BLOCK = 64
 # Such block-triangular statistics come in chunks of positions of about this
-# size (bytes): the finalisation moves one chunk at a time out of the way of the
-# factors written over it, into a buffer of this size, and factorises no more
-# than a chunk at once.
+# size (bytes), and the finalisation unpacks and factorises one chunk at a time:
+# large enough for the batched products of the blocked Cholesky to be efficient
+# (100 matrices of 550 channels factorise 1.7x faster per matrix than 13 do).
 _SCATTER_CHUNK_BYTES = 64 * 2**20
 
 
@@ -84,14 +83,14 @@ class _ScatterBlocks:
     accumulates straight into it (the GEMM's own beta = 1). A product into a
     strided slice of whole matrices falls back to one call per matrix, and one
     into a temporary needs a second pass over the statistics to be added: both
-    several times slower. Each chunk is one allocation, freed by :meth:`release`
-    once its factors are written. With ``rows >= C`` there is one block, the
-    whole matrices, in a single chunk: a ``(P, C, C)`` tensor (:meth:`whole`).
+    several times slower. With ``rows >= C`` there is one block, the whole
+    matrices, in a single chunk: a ``(P, C, C)`` tensor (:meth:`whole`).
 
-    Fresh, the chunks lie in one ``(P, C, C)`` allocation, each at the start of
-    the space of its own positions' matrices, so that the factors can be written
-    over the statistics (:meth:`move_out`): a fit allocates (and page-faults) the
-    memory of one set of matrices, not two.
+    Fresh, the chunks lie in one ``(P, C, C)`` allocation (:attr:`storage`),
+    each at the start of the space of its own positions' matrices. Once a chunk
+    is unpacked (:meth:`lower`), the factors of its positions can be written
+    over it: a fit allocates (and page-faults) the memory of one set of
+    matrices, not two.
     """
 
     def __init__(self, p, c, rows, dtype, device, buffers=None):
@@ -111,13 +110,13 @@ class _ScatterBlocks:
             ]
         self.buffers = buffers
         self.dtype = dtype
-        # Buffers of the finalisation, reused from one slice to the next (fresh
-        # ones this large would be mapped, and page-faulted, anew each time).
-        self._moved = self._work = None
+        # Buffer of the finalisation, reused from one chunk to the next (a fresh
+        # one this large would be mapped, and page-faulted, anew each time).
+        self._work = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["storage"] = state["_moved"] = state["_work"] = None
+        state["storage"] = state["_work"] = None
         # A view pickles its whole storage: give each chunk one of its own.
         state["buffers"] = [
             None if b is None
@@ -170,8 +169,8 @@ class _ScatterBlocks:
         Returns ``(S, fresh)``: a ``(m, C, C)`` tensor in ``dtype`` (default: the
         stored one) whose lower block triangle holds the statistics and whose
         blocks above it are unspecified, and whether ``S`` may be written (else
-        it is a view of the statistics). Valid until the next call: block
-        triangles are unpacked into one reused buffer.
+        it is a view of the statistics). For a slice, valid until the next call
+        with a slice: block triangles are unpacked into one reused buffer.
         """
         dtype = dtype or self.dtype
         if self.is_whole():
@@ -187,7 +186,9 @@ class _ScatterBlocks:
             parts = [(j, q - self.starts[j], q - self.starts[j] + 1) for j, q in zip(js, positions)]
             m = len(positions)
         numel = m * self.c * self.c
-        if dtype != self.dtype:
+        if dtype != self.dtype or not isinstance(idx, slice):
+            # Positions redone apart (indices) must not overwrite the chunk being
+            # finalised, which lives in the reused buffer.
             S = torch.empty((m, self.c, self.c), dtype=dtype, device=self.device)
         else:
             if self._work is None or self._work.numel() < numel:
@@ -201,19 +202,11 @@ class _ScatterBlocks:
             at += b - a
         return S, True
 
-    def move_out(self, j):
-        """Move the statistics of chunk ``j`` to a buffer of their own, so that
-        its positions' space in :attr:`storage` can be overwritten."""
-        buffer = self.buffers[j]
-        if self._moved is None or self._moved.numel() < buffer.numel():
-            self._moved = torch.empty_like(buffer)
-        self.buffers[j] = self._moved[: buffer.numel()].copy_(buffer)
-
     def release(self, j):
         """Free the statistics of chunk ``j``."""
         self.buffers[j] = None
         if all(b is None for b in self.buffers):
-            self._moved = self._work = self.storage = None
+            self._work = self.storage = None
 
     def map(self, f):
         return _ScatterBlocks(
@@ -960,8 +953,8 @@ class PatchCovariance(BaseEstimator):
         device = scatter.device
         out_dtype = torch.float64 if self.dtype == "float64" else torch.float32
         # Consumed statistics of the output precision are overwritten by their
-        # factors: whole matrices in place, block triangles once moved out of the
-        # way, a chunk at a time.
+        # factors: whole matrices in place, block triangles once their chunk is
+        # unpacked.
         in_place = consume and scatter.storage is not None and scatter.dtype == out_dtype
         chol = scatter.storage.view(p, c, c) if in_place else torch.empty(
             (p, c, c), dtype=out_dtype, device=device
@@ -969,11 +962,11 @@ class PatchCovariance(BaseEstimator):
         cov_out = np.empty((p, c, c), dtype=self.dtype) if self.store_covariance else None
         shrink = torch.full((p,), float("nan"), dtype=torch.float64)
         location = torch.empty((p, c), dtype=torch.float64)
-        if device.type != "cpu":
-            budget = _GPU_FINALIZE_BYTES
-        else:
-            budget = _FINALIZE_WHOLE_BYTES if scatter.is_whole() else _FINALIZE_BYTES
-        step = max(1, budget // (c * c * scatter.element_size()))
+        if scatter.is_whole():
+            budget = _FINALIZE_BYTES if device.type == "cpu" else _GPU_FINALIZE_BYTES
+            step = max(1, budget // (c * c * scatter.element_size()))
+        else:  # a chunk at a time, unpacked whole before its factors are written
+            step = max(stop - start for start, stop in scatter.chunks())
         chol_block = 16 if c <= 128 else 32
         # Factors too large for whitening matrices are solved with by blocks at
         # scoring time; the inverses of their diagonal blocks are assembled here
@@ -987,7 +980,7 @@ class PatchCovariance(BaseEstimator):
             # Zeros once: the same ragged corner is left unwritten every time.
             halves = torch.zeros((min(step, p), -(-c // chol_block), chol_block, chol_block),
                                  dtype=scatter.dtype)  # fmt: skip
-        for sl in self._finalize_slices(scatter, step, consume, in_place):
+        for sl in self._finalize_slices(scatter, step, consume):
             start = sl.start
             mean, cov, s = self._shrunk_covariance(moments, sl, full=cov_out is not None)
             location[sl] = mean.cpu()
@@ -1041,16 +1034,10 @@ class PatchCovariance(BaseEstimator):
         self.n_samples_seen_ = int(moments.n)
 
     @staticmethod
-    def _finalize_slices(scatter, step, consume, in_place):
+    def _finalize_slices(scatter, step, consume):
         """Slices of at most ``step`` positions, each within one chunk of the
-        statistics. With ``in_place``, a chunk of block triangles is moved out
-        of the factors' way first if need be; with ``consume``, freed once its
-        slices are done."""
+        statistics; with ``consume``, a chunk is freed once its slices are done."""
         for j, (c0, c1) in enumerate(scatter.chunks()):
-            # A chunk finalised in one slice is unpacked whole before its factors
-            # are written; one that takes several must be moved out first.
-            if in_place and not scatter.is_whole() and c1 - c0 > step:
-                scatter.move_out(j)
             for start in range(c0, c1, step):
                 yield slice(start, min(start + step, c1))
             if consume:

@@ -246,16 +246,11 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(skpadim.covariance, "_GATHER_BYTES", 200)
     monkeypatch.setattr(skpadim.covariance, "_SCATTER_CHUNK_BYTES", 500)
     monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", 300)
-    monkeypatch.setattr(skpadim.covariance, "_FINALIZE_WHOLE_BYTES", 300)
     monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1000)
 
 
-@pytest.mark.parametrize("finalize_bytes", [300, 10**6])  # chunks in several slices, or one
 @pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
-def test_chunked_and_block_triangular_fit_equals_sklearn(
-    small_blocks, shrinkage, finalize_bytes, monkeypatch
-):
-    monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", finalize_bytes)
+def test_chunked_and_block_triangular_fit_equals_sklearn(small_blocks, shrinkage):
     X = _embeddings(n=33, mean=50.0, seed=11)
     est = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
     streamed = PatchCovariance(shrinkage=shrinkage, dtype="float64")
@@ -346,15 +341,19 @@ def test_positions_singular_in_float32_are_refactorised_in_float64(method, layou
         request.getfixturevalue("small_blocks")
     else:  # whole matrices factorised in place, a few positions at a time
         request.getfixturevalue("monkeypatch").setattr(
-            skpadim.covariance, "_FINALIZE_WHOLE_BYTES", 300)
+            skpadim.covariance, "_FINALIZE_BYTES", 300)
     X = _embeddings(n=20, dtype=np.float32)
-    X[:, 2, 0, :] = 7.0
+    X[:, 2, 0, 1:] = 7.0  # positions 1 and 2: not the first of their chunk
     est = getattr(PatchCovariance(shrinkage=0.0), method)(X)
     ref = PatchCovariance(shrinkage=0.0, dtype="float64").fit(X)
     assert np.isfinite(est.cholesky_).all()
     L = est.cholesky_.astype(np.float64)
     np.testing.assert_allclose(L @ L.transpose(0, 2, 1), ref.covariance_, atol=1e-4)
     np.testing.assert_allclose(est.cholesky_[:, 2, 2][3:], ref.cholesky_[:, 2, 2][3:], rtol=1e-4)
+    # In float64 too the singular positions are redone apart (with a jitter),
+    # without disturbing the factors of the positions finalised with them.
+    R = ref.cholesky_
+    np.testing.assert_allclose(R @ R.transpose(0, 2, 1), ref.covariance_, atol=1e-6)
 
 
 def test_block_inverses_of_refactorised_positions_are_their_own(monkeypatch):
