@@ -687,6 +687,21 @@ def _solve_lower_blocked(L, diag_inv, R):
     return out
 
 
+def _pack_lower_float16(L):
+    """Lower triangles of factors (P, c, c) as float16 (P, c (c + 1) / 2): exact for
+    compact factors, which are float16 values already."""
+    rows, cols = np.tril_indices(L.shape[-1])
+    return L[:, rows, cols].astype(np.float16)
+
+
+def _unpack_lower(tril, c, dtype):
+    """(P, c (c + 1) / 2) lower triangles -> (P, c, c) matrices, zeros above."""
+    full = np.zeros((tril.shape[0], c, c), dtype=np.dtype(dtype))
+    rows, cols = np.tril_indices(c)
+    full[:, rows, cols] = tril
+    return full
+
+
 def _positions_view(X):
     """(n, C, h, w) -> (P, n, C) without copying the channels."""
     n, c, h, w = X.shape
@@ -1174,17 +1189,11 @@ class PatchCovariance(BaseEstimator):
             state["_moments"] = moments.cpu()
         if self.compact and "cholesky_" in state:
             # Only the lower triangle, in float16: what compact promises on disk.
-            p, c, _ = state["cholesky_"].shape
-            rows, cols = np.tril_indices(c)
-            state["cholesky_"] = (state["cholesky_"][:, rows, cols].astype(np.float16), c)
+            state["cholesky_"] = (_pack_lower_float16(state["cholesky_"]), state["cholesky_"].shape[-1])
         return state
 
     def __setstate__(self, state):
         packed = state.get("cholesky_")
         if isinstance(packed, tuple):
-            tril, c = packed
-            full = np.zeros((tril.shape[0], c, c), dtype=np.dtype(state.get("dtype", "float32")))
-            rows, cols = np.tril_indices(c)
-            full[:, rows, cols] = tril
-            state["cholesky_"] = full
+            state["cholesky_"] = _unpack_lower(*packed, state.get("dtype", "float32"))
         self.__dict__.update(state)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sklearn.base import clone
 
-from .covariance import PatchCovariance
+from .covariance import PatchCovariance, _pack_lower_float16, _unpack_lower
 from .detector import PatchGaussianDetector
 from .feature_extraction import TorchvisionExtractor
 
@@ -137,9 +137,7 @@ def save(model, path):
     if model.compact:
         # The factors are float16 values already (compact rounds them at fit):
         # their lower triangles in float16 hold them exactly, in a quarter of the space.
-        c = model.gaussian_.cholesky_.shape[-1]
-        rows, cols = np.tril_indices(c)
-        arrays["cholesky_lower"] = model.gaussian_.cholesky_[:, rows, cols].astype(np.float16)
+        arrays["cholesky_lower"] = _pack_lower_float16(model.gaussian_.cholesky_)
     else:
         arrays["cholesky"] = model.gaussian_.cholesky_
     config = {
@@ -245,14 +243,6 @@ def _check(config, arrays, path):
     idx = arrays["channel_indices"]
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
-
-
-def _unpack_lower(tril, c, dtype):
-    """(P, c (c + 1) / 2) lower triangles -> (P, c, c) matrices, zeros above."""
-    full = np.zeros((tril.shape[0], c, c), dtype=np.dtype(dtype))
-    rows, cols = np.tril_indices(c)
-    full[:, rows, cols] = tril
-    return full
 
 
 def _rebuild_extractor(description, arrays, path):
