@@ -218,6 +218,19 @@ def spaced_indices(n, k):
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
+def spread_over_aspects(paths, k):
+    """Indices of ``k`` of the image ``paths`` spread evenly over their height/width.
+
+    A training subset drawn this way spans the whole range of proportions: the
+    detector refuses test images whose height/width lies well outside the range
+    it was fitted on. All indices (in order of proportion) if k is None or >= n.
+    """
+    from skpadim._images import image_shapes
+
+    order = np.argsort([h / w for h, w in image_shapes(list(paths))], kind="stable")
+    return order[spaced_indices(len(order), k)]
+
+
 # -- results -------------------------------------------------------------------
 def slug(text):
     keep = "".join(c if c.isalnum() or c in "-." else "-" for c in str(text))

@@ -266,13 +266,7 @@ def main(argv=None):
         train = frame[frame.split == "train"]
         test = frame[frame.split == "test"].reset_index(drop=True)
         if args.max_train:
-            # Spread the subset over the aspect ratios, so that it spans the training
-            # range: the detector refuses test images far outside it.
-            from skpadim._images import image_shapes
-
-            ratios = [h / w for h, w in image_shapes(train.path.tolist())]
-            train = train.iloc[np.argsort(ratios, kind="stable")]
-            train = train.iloc[common.spaced_indices(len(train), args.max_train)]
+            train = train.iloc[common.spread_over_aspects(train.path, args.max_train)]
         val = split_halves(test)
         # (config, contamination, trim, defective images in training): per level,
         # a clean fit scored on the same reduced test set as the contaminated

@@ -74,13 +74,8 @@ def accuracy(root, max_train, tmp):
     from skpadim.metrics import image_auroc, pixel_auroc
 
     frame = load_mvtec(root)
-    from skpadim._images import image_shapes
-
     train = frame[frame.split == "train"].path.tolist()
-    # A subset spread over the aspect ratios, as in accuracy.py: the detector
-    # refuses test images far outside the training range.
-    train = [train[i] for i in np.argsort([h / w for h, w in image_shapes(train)], kind="stable")]
-    train = [train[i] for i in common.spaced_indices(len(train), max_train)]
+    train = [train[i] for i in common.spread_over_aspects(train, max_train)]
     test = frame[frame.split == "test"]
     y = test.label.to_numpy()
     out = {}

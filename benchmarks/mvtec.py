@@ -112,13 +112,6 @@ def _weights_arg(weights):
     return str(Path(weights).expanduser().resolve())
 
 
-def _aspect(path):
-    from PIL import Image
-
-    with Image.open(path) as img:  # reads the header only
-        return img.height / img.width
-
-
 def worker(cfg):
     import torch
 
@@ -136,11 +129,7 @@ def worker(cfg):
     train = frame[frame.split == "train"]
     test = frame[frame.split == "test"]
     if cfg["max_train"] and cfg["max_train"] < len(train):
-        # Spread the subset over the aspect ratios, so that it spans the
-        # training range: the detector refuses test images whose height/width
-        # lies well outside the range it was fitted on.
-        train = train.iloc[np.argsort([_aspect(p) for p in train.path], kind="stable")]
-        train = train.iloc[common.spaced_indices(len(train), cfg["max_train"])]
+        train = train.iloc[common.spread_over_aspects(train.path, cfg["max_train"])]
     test = test.iloc[common.spaced_indices(len(test), cfg["max_test"])]
     train_paths = train.path.tolist()
     test_paths = test.path.tolist()

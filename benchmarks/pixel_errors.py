@@ -98,7 +98,6 @@ def main(argv=None):
     import torch
 
     from skpadim import PatchGaussianDetector
-    from skpadim._images import image_shapes
     from skpadim.datasets import load_masks, load_mvtec
 
     threads = args.threads or torch.get_num_threads()
@@ -109,10 +108,8 @@ def main(argv=None):
     frame = load_mvtec(root)
     train = frame[frame.split == "train"]
     test = frame[frame.split == "test"].reset_index(drop=True)
-    if args.max_train:  # spread over the aspect ratios, as accuracy.py does
-        ratios = [h / w for h, w in image_shapes(train.path.tolist())]
-        train = train.iloc[np.argsort(ratios, kind="stable")]
-        train = train.iloc[common.spaced_indices(len(train), args.max_train)]
+    if args.max_train:
+        train = train.iloc[common.spread_over_aspects(train.path, args.max_train)]
     det = PatchGaussianDetector(random_state=args.seed).fit(train.path.tolist())
     maps = det.anomaly_maps(test.path.tolist())
     masks = [m > 0 for m in load_masks(test.mask_path.tolist(), shapes=[m.shape for m in maps])]
