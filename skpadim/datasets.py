@@ -539,7 +539,8 @@ def write_mvtec(
     ['000.png', '001.png', '002.png']
     7
     """
-    if not isinstance(category, str) or not category or category != Path(category).name:
+    if (not isinstance(category, str) or category in ("", ".", "..")
+            or category != Path(category).name):
         raise ValueError(f"category must be a plain folder name, got {category!r}.")
     if texture is None:
         if category not in TEXTURES:
@@ -873,6 +874,30 @@ def load_images(paths, size=None):
     return np.stack(images)
 
 
+# PIL modes of one grey channel (bilevel, 8-bit, 32-bit int, float, 16-bit).
+_GREY_MODES = ("1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _is_missing(path):
+    """None, NaN or pandas' NA: a frame's empty mask_path cell."""
+    if path is None or (isinstance(path, float) and np.isnan(path)):
+        return True
+    import pandas as pd
+
+    return path is pd.NA
+
+
+def _check_shape(shape, name):
+    """``(H, W)`` (or a longer shape, of which the first two) as ints >= 1."""
+    try:
+        h, w = (int(v) for v in tuple(shape)[:2])
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an image shape (height, width), got {shape!r}.") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be an image shape (height, width), got {shape!r}.")
+    return h, w
+
+
 def _binarize(mask):
     # Masks are stored as 0/255 by MVTec and most sets, but some converted
     # sets store 0/1; thresholding the latter at 127 would erase them.
@@ -888,7 +913,7 @@ def load_masks(mask_paths, shapes=None, size=None):
     ----------
     mask_paths : sequence of (str, path-like or None)
         Mask files, e.g. ``frame["mask_path"]`` from :func:`load_mvtec`; None
-        (or NaN) stands for a good image without a mask.
+        (or NaN, ``pd.NA``) stands for a good image without a mask.
     shapes : sequence of (int, int) or None, default=None
         ``(H, W)`` of each image, needed for None entries when ``size`` is
         None; masks read from files are checked against it.
@@ -900,8 +925,8 @@ def load_masks(mask_paths, shapes=None, size=None):
     -------
     masks : list of ndarray of shape (H, W), or ndarray of shape (n, height, width)
         Boolean masks, True on defect pixels (grey level above 127, or above
-        0 for masks stored as 0/1). A list when ``size`` is None, one stacked
-        array otherwise.
+        0 for masks stored as 0/1; for colour masks, the brightest channel's
+        level). A list when ``size`` is None, one stacked array otherwise.
 
     Examples
     --------
@@ -917,14 +942,14 @@ def load_masks(mask_paths, shapes=None, size=None):
     mask_paths = _check_paths(mask_paths, "mask_paths")
     size = _check_size(size)
     if shapes is not None:
-        shapes = [tuple(int(v) for v in s[:2]) for s in shapes]
+        shapes = [_check_shape(s, f"shapes[{i}]") for i, s in enumerate(shapes)]
         if len(shapes) != len(mask_paths):
             raise ValueError(
                 f"shapes has {len(shapes)} entries but mask_paths has {len(mask_paths)}."
             )
     masks = []
     for i, path in enumerate(mask_paths):
-        if path is None or (isinstance(path, float) and np.isnan(path)):
+        if _is_missing(path):
             if size is not None:
                 masks.append(np.zeros(size, dtype=bool))
             elif shapes is not None:
@@ -935,10 +960,16 @@ def load_masks(mask_paths, shapes=None, size=None):
                     "so the size of its empty mask is unknown."
                 )
             continue
-        img = _open_image(path, "mask").convert("L")
+        img = _open_image(path, "mask")
+        # A mask drawn in colour (a red or blue overlay, a palette) marks its
+        # defects bright in one channel only: read the brightest channel, not a
+        # grey level that could fall below the threshold (pure red is 76 in grey).
+        colour = img.mode not in _GREY_MODES
+        img = img.convert("RGB" if colour else "L")
         if size is not None:
             img = img.resize(_pil_size(size), Image.NEAREST)
-        mask = _binarize(np.asarray(img))
+        values = np.asarray(img)
+        mask = _binarize(values.max(axis=2) if colour else values)
         if size is None and shapes is not None and mask.shape != shapes[i]:
             raise ValueError(
                 f"Mask {str(path)!r} has shape {mask.shape} but its image has "

@@ -253,6 +253,20 @@ def test_write_mvtec_validates_category(tmp_path, category):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("category", ["..", "."])
+def test_write_mvtec_never_writes_outside_root(tmp_path, category):
+    # With overwrite, ".." would have replaced the train/ folder beside root.
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="plain folder name"):
+        write_mvtec(root, category, texture="brick", overwrite=True, n_train=1, n_test=1,
+                    image_size=32)  # fmt: skip
+    assert (tmp_path / "train" / "keep.txt").read_text() == "user data"
+    assert not any(root.iterdir())
+
+
 # -- load_mvtec on user folders -----------------------------------------------
 
 
@@ -395,6 +409,24 @@ def test_load_masks(tmp_path):
     (tmp_path / "bad_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(ValueError, match="bad_mask.png"):
         load_masks([tmp_path / "bad_mask.png"])
+    # pandas' missing value, as a frame with a nullable string column holds it.
+    assert not load_masks([pd.NA], shapes=[(4, 5)])[0].any()
+    for shapes in ([5], [(0, 3)], ["ab"]):
+        with pytest.raises(ValueError, match=r"shapes\[0\] must be an image shape"):
+            load_masks([None], shapes=shapes)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P"])
+@pytest.mark.parametrize("colour", [(255, 0, 0), (0, 0, 255), (255, 255, 255)])
+def test_load_masks_reads_colour_masks_by_their_brightest_channel(tmp_path, mode, colour):
+    # Pure red or blue is below the threshold as a grey level (76, 29).
+    rgb = np.zeros((12, 10, 3), dtype=np.uint8)
+    rgb[4:8, 2:6] = colour
+    Image.fromarray(rgb).convert(mode).save(tmp_path / "m.png")
+    expected = rgb.max(axis=2) > 0
+    np.testing.assert_array_equal(load_masks([tmp_path / "m.png"])[0], expected)
+    resized = load_masks([tmp_path / "m.png"], size=(6, 5))[0]
+    assert resized.sum() == expected.sum() // 4
 
 
 # -- real data ------------------------------------------------------------------
