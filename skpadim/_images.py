@@ -34,11 +34,35 @@ def _load_path(path, where):
     try:
         with Image.open(path) as img:
             img.load()  # force decoding now so a truncated file fails here
-            return np.asarray(img.convert("RGB"))
+            return _pil_to_array(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(
             f"{where}: cannot read image file {str(path)!r} ({exc})."
         ) from exc
+
+
+def _pil_to_array(img):
+    """A PIL image as a numpy array with its full range of values.
+
+    8-bit modes (RGB, greyscale, palette, with alpha, CMYK...) become uint8 RGB.
+    One-channel modes of more bits are not converted to RGB, which would clip
+    them to 0..255: 16-bit images ("I;16...", and "I", as which PIL also opens
+    16-bit PNGs) become uint16, scaled by 65535 like 16-bit arrays, and float
+    images ("F") stay float, to lie in [0, 1] like float arrays.
+    """
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16)
+    if img.mode == "I":
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"32-bit integer image with values in [{values.min()}, {values.max()}]; "
+                "expected 16-bit values 0..65535"
+            )
+        return values.astype(np.uint16)
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    return np.asarray(img.convert("RGB"))
 
 
 def _array_to_tensor(img, where):
@@ -53,9 +77,38 @@ def _array_to_tensor(img, where):
             f"{where}: expected an image of shape (H, W), (H, W, 1) or (H, W, 3), "
             f"got shape {img.shape}."
         )
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"{where}: image of shape {img.shape} has no pixels.")
+    img = _as_torch_compatible(img, where)
     # A copy where needed: PIL hands out read-only buffers that torch cannot wrap.
     img = np.ascontiguousarray(img) if img.flags.writeable else np.array(img)
     return _to_unit_float(torch.from_numpy(img), where).permute(2, 0, 1)
+
+
+def _as_torch_compatible(a, where):
+    """A numpy image array in a dtype torch can wrap, or a TypeError naming it.
+
+    Byte-swapped data is put in native order, wide unsigned integers (uint32,
+    uint64) become int64 (then checked as 8-bit values like other integers),
+    long doubles become float64; strings, objects and the like are refused.
+    """
+    kind = a.dtype.kind
+    if kind not in "biufc":
+        raise TypeError(
+            f"{where}: images must be uint8 (0..255), uint16 or float (0..1), got dtype {a.dtype}."
+        )
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if kind == "u" and a.dtype.itemsize > 2:
+        if a.size and a.max() > 255:
+            raise ValueError(
+                f"{where}: integer images of dtype {a.dtype} must hold 8-bit values 0..255, "
+                f"got values up to {a.max()}; pass 16-bit data as uint16."
+            )
+        a = a.astype(np.int64)
+    elif kind == "f" and a.dtype.itemsize > 8:
+        a = a.astype(np.float64)
+    return a
 
 
 def _to_unit_float(t, where):
@@ -103,8 +156,13 @@ def _batch_array_to_tensors(X, start):
             f"got shape {X.shape}."
         )
     where = f"X[{start}:{start + len(X)}]"
-    t = torch.from_numpy(np.ascontiguousarray(X))
-    return _to_unit_float(t, where).permute(0, 3, 1, 2)
+    if X.shape[1] == 0 or X.shape[2] == 0:
+        raise ValueError(f"X: images of shape {X.shape[1:3]} have no pixels.")
+    X = _as_torch_compatible(X, where)
+    # Read-only input (a memory map, a frozen array) is copied: torch cannot
+    # wrap it without a warning, and it is never written to.
+    X = np.ascontiguousarray(X) if X.flags.writeable else np.array(X)
+    return _to_unit_float(torch.from_numpy(X), where).permute(0, 3, 1, 2)
 
 
 def _batch_tensor_to_tensors(X, start):
@@ -135,7 +193,11 @@ def _item_to_tensor(item, index):
         t = _to_unit_float(item.detach().cpu(), where)
         return t.expand(3, -1, -1) if t.shape[0] == 1 else t
     if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-        return _array_to_tensor(np.asarray(item.convert("RGB")), where)
+        try:
+            values = _pil_to_array(item)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}.") from None
+        return _array_to_tensor(values, where)
     if isinstance(item, np.ndarray):
         return _array_to_tensor(item, where)
     raise TypeError(
@@ -173,9 +235,33 @@ def _shape_of(item, index):
     return tuple(shape[:2])
 
 
+def _check_batch_shape(X):
+    """A numpy batch must have 3 or 4 dimensions and not be one colour image."""
+    if X.ndim < 3:
+        raise ValueError(
+            f"X: expected a batch of images with 3 or 4 dimensions, got shape {X.shape}."
+        )
+    if X.ndim == 3 and X.shape[-1] in (3, 4) and X.shape[1] >= 8:
+        # Read as a batch, it would be greyscale images at least 8 pixels high
+        # and only 3 or 4 wide: far likelier one colour image (H, W, 3 or 4).
+        raise ValueError(
+            f"X: shape {X.shape} looks like one colour image, not a batch; pass a batch "
+            "of one, X[None], or a list of images."
+        )
+
+
+def _check_not_a_path(X):
+    if isinstance(X, (str, os.PathLike)):
+        raise TypeError(
+            "X: got a single path; pass a list of image paths (e.g. [path]) instead."
+        )
+
+
 def image_shapes(X):
     """``(H, W)`` of every image in X, without decoding files."""
-    if isinstance(X, np.ndarray) and X.dtype != object and X.ndim >= 3:
+    _check_not_a_path(X)
+    if isinstance(X, np.ndarray) and X.dtype != object:
+        _check_batch_shape(X)
         return [tuple(X.shape[1:3])] * len(X)
     if isinstance(X, torch.Tensor) and X.ndim == 4:
         return [tuple(X.shape[2:])] * len(X)
@@ -187,6 +273,7 @@ def image_shapes(X):
 
 def count_images(X):
     """Number of images in X, or None for an iterator whose length is unknown."""
+    _check_not_a_path(X)
     if isinstance(X, (np.ndarray, torch.Tensor)):
         return len(X) if X.ndim else 0
     try:
@@ -217,15 +304,9 @@ def iter_image_batches(X, batch_size):
         for start in range(0, len(X), batch_size):
             yield X[start : start + batch_size]
         return
-    if isinstance(X, (str, os.PathLike)):
-        raise TypeError(
-            "X: got a single path; pass a list of image paths (e.g. [path]) instead."
-        )
+    _check_not_a_path(X)
     if isinstance(X, np.ndarray) and X.dtype != object:
-        if X.ndim < 3:
-            raise ValueError(
-                f"X: expected a batch of images with 3 or 4 dimensions, got shape {X.shape}."
-            )
+        _check_batch_shape(X)
         for start in range(0, len(X), batch_size):
             yield list(_batch_array_to_tensors(X[start : start + batch_size], start))
         return

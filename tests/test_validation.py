@@ -76,6 +76,69 @@ def test_dtypes_and_ranges():
         _convert(torch.zeros(2, 4, 4, 3))
 
 
+def test_more_dtypes_are_converted_or_named():
+    # Byte-swapped and wide-integer data hold the same pixels as native uint8.
+    ref = _convert(np.full((1, 4, 4), 51, np.uint8))[0]
+    for X in (np.full((1, 4, 4), 51, ">u2").astype(">f4") / 255, np.full((1, 4, 4), 51, np.uint32),
+              np.full((1, 4, 4), 51, np.uint64), np.full((1, 4, 4), 51 / 255, np.longdouble)):
+        np.testing.assert_allclose(_convert(X)[0], ref, rtol=1e-6)
+        np.testing.assert_allclose(_convert(list(X))[0], ref, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"X\[0:1\]: .*uint32 must hold 8-bit values"):
+        _convert(np.full((1, 4, 4), 300, np.uint32))
+    with pytest.raises(TypeError, match=r"X\[0:1\]: images must be .* got dtype <U1"):
+        _convert(np.full((1, 4, 4), "a"))
+    with pytest.raises(ValueError, match=r"X: images of shape \(0, 5\) have no pixels"):
+        _convert(np.zeros((2, 0, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"X\[0\]: image of shape \(0, 0, 3\) has no pixels"):
+        _convert([np.zeros((0, 0, 3), np.uint8)])
+
+
+def test_one_colour_image_is_not_read_as_a_batch():
+    with pytest.raises(ValueError, match=r"looks like one colour image.*X\[None\]"):
+        _convert(np.zeros((32, 32, 3), np.uint8))
+    assert len(_convert(np.zeros((32, 32, 3), np.uint8)[None])) == 1
+
+
+def test_read_only_arrays_are_read_without_warning():
+    X = np.zeros((2, 4, 4, 3), np.uint8)
+    X.setflags(write=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(_convert(X)) == 2
+
+
+def test_a_folder_or_single_path_is_named_whatever_the_image_size(tiny_extractor, tmp_path):
+    # Not read as a sequence of one-character paths, nor as a one-shot iterator.
+    for size in ("auto", 32):
+        det = PatchGaussianDetector(tiny_extractor.set_params(image_size=size))
+        for X in (str(tmp_path), tmp_path):
+            with pytest.raises(TypeError, match="single path"):
+                det.fit(X)
+    with pytest.raises(TypeError, match="single path"):
+        TorchvisionExtractor(weights=None).fit(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["uint16", "int32", "float32"])
+def test_deep_image_files_keep_their_range(tmp_path, kind):
+    # 16-bit PNGs (opened as "I;16", or "I" by older PIL) and float TIFFs ("F")
+    # must read as the arrays they hold, not clipped to 8 bits through RGB.
+    rng = np.random.RandomState(0)
+    if kind == "float32":
+        values, scale, path = rng.rand(6, 5).astype(np.float32), 1.0, tmp_path / "f.tiff"
+        Image.fromarray(values).save(path)
+    else:
+        values, scale = rng.randint(0, 65536, (6, 5)).astype(np.uint16), 65535.0
+        img = Image.fromarray(values)
+        path = tmp_path / ("d.tiff" if kind == "int32" else "d.png")  # PNG cannot hold mode "I"
+        (img.convert("I") if kind == "int32" else img).save(path)
+    expected = torch.from_numpy(values.astype(np.float32) / scale)
+    for image in (_convert([path])[0], _convert([Image.open(path)])[0]):
+        assert image.shape == (3, 6, 5)
+        torch.testing.assert_close(image[0], expected, rtol=1e-6, atol=1e-7)
+
+
 def test_mixed_sizes_and_files(tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((5, 7), np.uint8)).save(good)
