@@ -162,6 +162,17 @@ class _ChannelTaker:
         return np.take(emb, self.channels, axis=1, out=buf[: len(emb)], mode="clip")
 
 
+def _check_embedding_array(emb, n_images):
+    """A feature extractor's plain output for ``n_images`` images, checked."""
+    emb = np.asarray(emb.detach().cpu() if isinstance(emb, torch.Tensor) else emb)
+    if emb.ndim != 4 or len(emb) != n_images:
+        raise ValueError(
+            f"The feature extractor's transform returned shape {emb.shape} for {n_images} "
+            "images; expected (n_images, n_channels, h, w)."
+        )
+    return emb
+
+
 def _take_images(X, keep):
     """The images ``keep`` (indices) of X, whatever container X is."""
     if isinstance(X, PatchEmbeddings):
@@ -214,7 +225,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         frame): ``"max"``, the map's maximum (the paper's recipe), or a float
         ``f``, the mean of the highest fraction ``f`` of the map's values, which
         one stray hot pixel moves less than the maximum.
-    contamination : float in [0, 0.5], default=0.01
+    contamination : float in (0, 0.5], default=0.01
         Expected fraction of anomalous images, used to place the decision
         threshold: ``offset_`` is the ``contamination`` quantile of the training
         images' scores. Those scores are in-sample and so slightly optimistic; a
@@ -299,7 +310,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         "image_score": [StrOptions({"max"}), Interval(numbers.Real, 0, 1, closed="right")],
         "trim": [Interval(numbers.Real, 0, 0.5, closed="left")],
         "trim_by": [StrOptions({"patch", "image"})],
-        "contamination": [Interval(numbers.Real, 0, 0.5, closed="both")],
+        "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
         "compact": ["boolean"],
@@ -343,6 +354,11 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         if isinstance(X, PatchEmbeddings) or (
             extractor is None and isinstance(X, np.ndarray) and X.ndim == 4
         ):
+            if not isinstance(X, PatchEmbeddings) and hasattr(self, "input_shape_"):
+                # A plain array (np.concatenate of PatchEmbeddings gives one) is
+                # read on the frame of the training embeddings, so that its maps,
+                # blur and scores are those the threshold was set on.
+                X = PatchEmbeddings(X, resize_shape=self.input_shape_)
             X = as_patch_embeddings(X)
             for start in range(0, len(X), self.batch_size):
                 yield X.rows(start, start + self.batch_size)
@@ -353,7 +369,13 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 "Pipeline), so it can only score PatchEmbeddings, not images."
             )
         for batch in iter_image_batches(X, self.batch_size):
-            yield extractor.transform(ValidatedImages(batch))
+            emb = extractor.transform(ValidatedImages(batch))
+            if not isinstance(emb, PatchEmbeddings):
+                # The interface allows a plain array: its grid is then the frame,
+                # and the batch tells each image's size.
+                emb = PatchEmbeddings(_check_embedding_array(emb, len(batch)),
+                                      image_shapes=[tuple(t.shape[-2:]) for t in batch])  # fmt: skip
+            yield emb
 
     def _check_aspect(self, emb, start):
         low, high = self.aspect_range_
@@ -382,6 +404,30 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
     def _pooled(self, selected):
         selected = torch.from_numpy(np.ascontiguousarray(selected))
         return pool_embeddings(selected, int(self.pooling))
+
+    def set_params(self, **params):
+        """Set the parameters of this detector, and of its feature extractor.
+
+        Parameters
+        ----------
+        **params : dict
+            Detector parameters, and ``feature_extractor__<name>`` for those of
+            the feature extractor (searchable with
+            :class:`~sklearn.model_selection.GridSearchCV`).
+
+        Returns
+        -------
+        self : PatchGaussianDetector
+            This detector.
+        """
+        nested = [k for k in params if k.startswith("feature_extractor__")]
+        if nested and self.feature_extractor is None and params.get("feature_extractor") is None:
+            raise ValueError(
+                f"Cannot set {nested[0]}: feature_extractor is None (the default "
+                "extractor is only built at fit). Pass feature_extractor="
+                "TorchvisionExtractor(...) to set or search its parameters."
+            )
+        return super().set_params(**params)
 
     # -- fit -------------------------------------------------------------------
     def fit(self, X, y=None):
@@ -671,15 +717,16 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         ----------
         X : array-like, tensor or list of images, or PatchEmbeddings
             Training images.
-        y : None
-            Ignored.
+        y : array-like of shape (n_images,), masks, or None, default=None
+            Optional labels, as in :meth:`fit`: the images labelled anomalous
+            are left out of the fit, and labelled like the others.
 
         Returns
         -------
         labels : ndarray of shape (n_images,)
             +1 for normal, -1 for anomalous.
         """
-        return self.fit(X).predict(X)
+        return self.fit(X, y).predict(X)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

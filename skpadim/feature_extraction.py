@@ -123,6 +123,62 @@ class PatchEmbeddings(np.ndarray):
             out.image_shapes = self.image_shapes[rows]
         return out
 
+    # ndarray's take, compress and repeat build their result without indexing,
+    # so __getitem__ cannot carry the shapes across: along the images they
+    # select the shapes alike, along any other axis the result is a plain array.
+    def take(self, indices, axis=None, out=None, mode="raise"):
+        """:meth:`numpy.ndarray.take`; along axis 0 the image shapes follow the rows.
+
+        Parameters
+        ----------
+        indices, axis, out, mode
+            As for :meth:`numpy.ndarray.take`.
+
+        Returns
+        -------
+        taken : PatchEmbeddings or ndarray
+            PatchEmbeddings along axis 0, a plain array otherwise.
+        """
+        data = self.view(np.ndarray).take(indices, axis=axis, out=out, mode=mode)
+        return self._with_rows(data, axis, lambda shapes: shapes.take(indices, axis=0, mode=mode))
+
+    def compress(self, condition, axis=None, out=None):
+        """:meth:`numpy.ndarray.compress`; along axis 0 the image shapes follow the rows.
+
+        Parameters
+        ----------
+        condition, axis, out
+            As for :meth:`numpy.ndarray.compress`.
+
+        Returns
+        -------
+        compressed : PatchEmbeddings or ndarray
+            PatchEmbeddings along axis 0, a plain array otherwise.
+        """
+        data = self.view(np.ndarray).compress(condition, axis=axis, out=out)
+        return self._with_rows(data, axis, lambda shapes: shapes.compress(condition, axis=0))
+
+    def repeat(self, repeats, axis=None):
+        """:meth:`numpy.ndarray.repeat`; along axis 0 the image shapes follow the rows.
+
+        Parameters
+        ----------
+        repeats, axis
+            As for :meth:`numpy.ndarray.repeat`.
+
+        Returns
+        -------
+        repeated : PatchEmbeddings or ndarray
+            PatchEmbeddings along axis 0, a plain array otherwise.
+        """
+        data = self.view(np.ndarray).repeat(repeats, axis=axis)
+        return self._with_rows(data, axis, lambda shapes: shapes.repeat(repeats, axis=0))
+
+    def _with_rows(self, data, axis, select_shapes):
+        if axis not in (0, -4) or data.ndim != 4 or not isinstance(data, np.ndarray):
+            return data
+        return PatchEmbeddings(data, select_shapes(self.image_shapes), self.resize_shape, self.crop_box)
+
     def rows(self, start, stop):
         """Images ``start:stop`` with their geometry.
 

@@ -475,3 +475,70 @@ def test_feature_maps_concatenate_like_interpolate_and_cat(shapes):
     grid = shapes[0]
     ref = torch.cat([F.interpolate(f, size=grid, mode="nearest") for f in feats], dim=1)
     np.testing.assert_array_equal(_concat_on_first_grid(feats).numpy(), ref.numpy())
+
+
+def test_plain_embedding_arrays_are_scored_on_the_training_frame(tiny_extractor, normal_images, test_images):
+    # np.concatenate of PatchEmbeddings gives a plain array: its maps and scores
+    # must be those of the same embeddings with their geometry.
+    ext = clone(tiny_extractor).fit(normal_images)
+    det = PatchGaussianDetector(n_features=8, random_state=0).fit(ext.transform(normal_images))
+    emb = ext.transform(test_images)
+    plain = np.concatenate([emb[:4], emb[4:]])
+    assert type(plain) is np.ndarray
+    np.testing.assert_array_equal(det.score_samples(plain), det.score_samples(emb))
+    np.testing.assert_array_equal(det.anomaly_maps(plain), det.anomaly_maps(emb))
+    assert det.anomaly_maps(plain).shape[1:] == det.input_shape_
+
+
+class _PlainOutput(TorchvisionExtractor):
+    """The extractor interface allows transform to return a plain array."""
+
+    def transform(self, X):
+        return np.asarray(super().transform(X))
+
+
+def test_extractor_returning_plain_arrays(normal_images, test_images):
+    kwargs = dict(layers=("block1", "block2"), weights=None, image_size=32, device="cpu")
+    plain = PatchGaussianDetector(_PlainOutput(TinyNet(), **kwargs), n_features=8,
+                                  random_state=0).fit(normal_images)  # fmt: skip
+    maps = plain.anomaly_maps(test_images)
+    assert maps.shape == test_images.shape[:3]
+    # The same Gaussians as with PatchEmbeddings (the frame differs: the grid).
+    rich = PatchGaussianDetector(TorchvisionExtractor(TinyNet(), **kwargs), n_features=8,
+                                 random_state=0).fit(normal_images)  # fmt: skip
+    np.testing.assert_array_equal(plain.gaussian_.location_, rich.gaussian_.location_)
+    assert plain.input_shape_ == plain.gaussian_.grid_shape_
+
+
+def test_take_compress_and_repeat_keep_each_images_shape():
+    emb = PatchEmbeddings(np.arange(24.0).reshape(3, 2, 2, 2), image_shapes=[(10, 20), (30, 40), (50, 60)],
+                          resize_shape=(8, 8))  # fmt: skip
+    cases = [(emb.take([2, 0], axis=0), [2, 0]), (np.take(emb, [2, 0], axis=0), [2, 0]),
+             (np.compress([False, True, True], emb, axis=0), [1, 2]),
+             (np.repeat(emb, [1, 0, 2], axis=0), [0, 2, 2])]  # fmt: skip
+    for out, rows in cases:
+        assert isinstance(out, PatchEmbeddings) and out.resize_shape == (8, 8)
+        np.testing.assert_array_equal(out, np.asarray(emb)[rows])
+        np.testing.assert_array_equal(out.image_shapes, emb.image_shapes[rows])
+    assert type(emb.take([1], axis=1)) is np.ndarray  # not one grid per image any more
+
+
+def test_fit_predict_uses_the_labels_as_fit_does(tiny_extractor, normal_images, test_images):
+    X = np.concatenate([normal_images, test_images[4:]])
+    y = np.r_[np.zeros(len(normal_images)), np.ones(4)]
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0)
+    np.testing.assert_array_equal(clone(det).fit_predict(X, y), clone(det).fit(X, y).predict(X))
+    assert not np.array_equal(clone(det).fit_predict(X, y), clone(det).fit_predict(X))
+
+
+def test_nested_parameters_of_the_default_extractor_are_refused_clearly(tiny_extractor):
+    with pytest.raises(ValueError, match=r"feature_extractor__image_size.*TorchvisionExtractor\(\.\.\.\)"):
+        PatchGaussianDetector().set_params(feature_extractor__image_size=64)
+    det = PatchGaussianDetector().set_params(feature_extractor=tiny_extractor, feature_extractor__image_size=48)
+    assert det.feature_extractor.image_size == 48
+
+
+def test_outlier_contamination_constraint_is_sklearns():
+    from sklearn.utils.estimator_checks import check_outlier_contamination
+
+    check_outlier_contamination("PatchGaussianDetector", PatchGaussianDetector())
