@@ -5,9 +5,9 @@ run arbitrary code: never load a pickle from a source you do not trust.
 :func:`save` writes a fitted :class:`~skpadim.PatchGaussianDetector` as a single
 ``.npz`` archive holding only numeric arrays and a JSON description, and
 :func:`load` reads it back with ``allow_pickle=False``, so a model file cannot
-execute anything. The file carries a format version and a SHA-256 digest of every
-array, checked on load together with the shapes, so a truncated or altered file
-fails with a clear error instead of scoring wrongly.
+execute anything. The file carries a format version and SHA-256 digests of every
+array and of the JSON description, checked on load together with the shapes, so a
+truncated or altered file fails with a clear error instead of scoring wrongly.
 
 Only backbones that can be rebuilt from their name (torchvision models and
 EfficientNet-Lite) are saved this way; a detector around a custom
@@ -17,12 +17,14 @@ EfficientNet-Lite) are saved this way; a detector around a custom
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.npyio import NpzFile
 from sklearn.base import clone
 
 from .covariance import PatchCovariance, _pack_lower_float16, _unpack_lower
@@ -46,6 +48,13 @@ _DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score"
 _DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "trim": 0.0, "trim_by": "image"}
 _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
                      "batch_size", "device")
+_FITTED_KEYS = ("offset", "n_features_in", "input_shape", "aspect_range", "fitted_on_embeddings",
+                "grid_shape", "n_samples_seen", "gaussian_dtype")
+# "sha256" covers the arrays only, so "sha256_config" also covers the description
+# (offset, parameters, ...). Adding it needs no new format version: older releases
+# ignore the extra key and still check "sha256", and files written before it
+# existed, which lack it, are still read.
+_DIGEST_KEYS = ("sha256", "sha256_config")
 
 
 class ModelFileError(ValueError):
@@ -91,6 +100,27 @@ def _digest(arrays):
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _config_digest(config, arrays_digest):
+    # Canonical JSON (sorted keys), so that the digest depends on the description
+    # read back, not on how its text was laid out.
+    description = {k: v for k, v in config.items() if k not in _DIGEST_KEYS}
+    h = hashlib.sha256(arrays_digest.encode())
+    h.update(json.dumps(description, sort_keys=True).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _file_mode(path):
+    # mkstemp creates the file with mode 0600: give the model the permissions of
+    # the file it replaces, or those of a file created with open().
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        # os.umask can only be read by setting it: put it back at once.
+        umask = os.umask(0o077)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def save(model, path):
@@ -172,15 +202,18 @@ def save(model, path):
         for key, tensor in extractor.model_.state_dict().items():
             arrays[f"backbone/{key}"] = tensor.detach().cpu().numpy()
     config["sha256"] = _digest(arrays)
+    config["sha256_config"] = _config_digest(config, config["sha256"])
     arrays["config"] = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
 
     path = Path(path)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -190,13 +223,19 @@ def save(model, path):
 
 
 def _read(path):
+    arrays = None
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+        archive = np.load(path, allow_pickle=False)
+        # A .npy file loads as a bare array, not as an archive.
+        if isinstance(archive, NpzFile):
+            with archive:
+                arrays = {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ModelFileError(f"{str(path)!r} is not a readable skpadim model file ({exc}).") from exc
+    if arrays is None:
+        raise ModelFileError(f"{str(path)!r} is not a skpadim model file (a single array, not an archive).")
     if "config" not in arrays:
         raise ModelFileError(f"{str(path)!r} is not a skpadim model file (no config).")
     try:
@@ -210,18 +249,37 @@ def _check(config, arrays, path):
     if not isinstance(config, dict) or config.get("format") != _MAGIC:
         raise ModelFileError(f"{str(path)!r} is not a skpadim detector file.")
     version = config.get("format_version")
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ModelFileError(f"{str(path)!r} has no valid format version.")
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{str(path)!r} was written in format version {version}, newer than the "
             f"{FORMAT_VERSION} this skpadim reads; upgrade skpadim to load it."
         )
-    if config.get("sha256") != _digest(arrays):
+    digest = _digest(arrays)
+    if config.get("sha256") != digest:
         raise ModelFileError(
             f"{str(path)!r}: the arrays do not match the digest recorded when the file was "
             "written; the file was altered or damaged."
         )
+    if "sha256_config" in config and config["sha256_config"] != _config_digest(config, digest):
+        raise ModelFileError(
+            f"{str(path)!r}: the model description does not match the digest recorded when "
+            "the file was written; the file was altered or damaged."
+        )
+    # A file can match its digests and still lack entries (written by hand or by
+    # another tool): say what is missing rather than fail on it later.
+    for section in ("detector", "fitted", "extractor"):
+        if section not in config:
+            raise ModelFileError(f"{str(path)!r}: the model description has no {section!r} section.")
+    _require(config["detector"], [k for k in _DETECTOR_PARAMS if k not in _DETECTOR_PARAM_FALLBACKS],
+             "detector", path)
+    _require(config["fitted"], _FITTED_KEYS, "fitted", path)
+    if config["extractor"] is not None:
+        _require(config["extractor"], ("params", "layers", "resize_shape"), "extractor", path)
+        _require(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
+    if "channel_indices" not in arrays:
+        raise ModelFileError(f"{str(path)!r}: the array 'channel_indices' is missing.")
     fitted = config["fitted"]
     h, w = fitted["grid_shape"]
     c = len(arrays["channel_indices"])
@@ -243,6 +301,16 @@ def _check(config, arrays, path):
     idx = arrays["channel_indices"]
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+
+
+def _require(section, keys, name, path):
+    if not isinstance(section, dict):
+        raise ModelFileError(f"{str(path)!r}: the {name!r} section of the model description is invalid.")
+    missing = [key for key in keys if key not in section]
+    if missing:
+        raise ModelFileError(
+            f"{str(path)!r}: the {name!r} section of the model description lacks {', '.join(missing)}."
+        )
 
 
 def _rebuild_extractor(description, arrays, path):

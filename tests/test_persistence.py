@@ -3,6 +3,8 @@
 import doctest
 import json
 import os
+import stat
+import sys
 import zipfile
 
 import numpy as np
@@ -11,7 +13,7 @@ from sklearn.base import clone
 
 import skpadim.persistence
 from skpadim import PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor, load, save
-from skpadim.persistence import FORMAT_VERSION, ModelFileError
+from skpadim.persistence import _FITTED_KEYS, FORMAT_VERSION, ModelFileError
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +24,13 @@ def fitted_lite():
     X = textured_images(6, size=64, seed=0)
     det = PatchGaussianDetector(TorchvisionExtractor(image_size=64), n_features=16, random_state=0)
     return det.fit(X), textured_images(3, size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted_emb():
+    """A small detector fitted on embeddings (no backbone), and its embeddings."""
+    emb = PatchEmbeddings(np.random.RandomState(0).rand(12, 6, 3, 3).astype(np.float32))
+    return PatchGaussianDetector(n_features=4, random_state=0).fit(emb), emb
 
 
 def test_round_trip_scores_identically(fitted_lite, tmp_path):
@@ -69,19 +78,23 @@ def test_compact_file_with_a_wrong_factor_shape_is_refused(tmp_path):
 
     def cut(arrays, config):
         arrays["cholesky_lower"] = arrays["cholesky_lower"][:, :-1]
-        config["sha256"] = skpadim.persistence._digest(
-            {k: v for k, v in arrays.items() if k != "config"})
 
-    _rewrite(path, cut)
+    _rewrite(path, cut, redigest=True)
     with pytest.raises(ModelFileError, match="cholesky_lower has shape"):
         load(path)
 
 
-def _rewrite(path, mutate):
+def _rewrite(path, mutate, redigest=False):
+    """Edit a saved file in place; ``redigest`` records digests matching the edit."""
     with np.load(path, allow_pickle=False) as archive:
         arrays = {k: archive[k] for k in archive.files}
     config = json.loads(arrays["config"].tobytes())
     mutate(arrays, config)
+    if redigest:
+        digest = skpadim.persistence._digest({k: v for k, v in arrays.items() if k != "config"})
+        config["sha256"] = digest
+        if "sha256_config" in config:
+            config["sha256_config"] = skpadim.persistence._config_digest(config, digest)
     arrays["config"] = np.frombuffer(json.dumps(config).encode(), dtype=np.uint8)
     np.savez(path, **arrays)
 
@@ -90,6 +103,69 @@ def test_newer_format_version_is_refused(fitted_lite, tmp_path):
     path = save(fitted_lite[0], tmp_path / "m.npz")
     _rewrite(path, lambda a, c: c.__setitem__("format_version", FORMAT_VERSION + 1))
     with pytest.raises(ModelFileError, match=f"newer than the {FORMAT_VERSION} this skpadim reads"):
+        load(path)
+
+
+@pytest.mark.parametrize("version", [True, 0, -1, 1.0, "1", None])
+def test_invalid_format_version_is_refused(fitted_emb, tmp_path, version):
+    path = save(fitted_emb[0], tmp_path / "m.npz")
+    _rewrite(path, lambda a, c: c.__setitem__("format_version", version), redigest=True)
+    with pytest.raises(ModelFileError, match="no valid format version"):
+        load(path)
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("fitted", "offset", 123.0),
+    ("detector", "image_score", "mean"),
+    ("detector", "sigma", 0.0),
+])
+def test_tampered_description_is_detected(fitted_emb, tmp_path, section, key, value):
+    # The arrays are untouched, so only a digest over the description catches this.
+    path = save(fitted_emb[0], tmp_path / "m.npz")
+    _rewrite(path, lambda a, c: c[section].__setitem__(key, value))
+    with pytest.raises(ModelFileError, match="description does not match .* altered or damaged"):
+        load(path)
+
+
+def test_file_without_description_digest_still_loads(fitted_emb, tmp_path):
+    # Files written before the description digest existed carry the arrays digest only.
+    det, emb = fitted_emb
+    path = save(det, tmp_path / "m.npz")
+    _rewrite(path, lambda a, c: c.pop("sha256_config"))
+    with np.load(path, allow_pickle=False) as archive:
+        assert "sha256_config" not in json.loads(archive["config"].tobytes())
+    np.testing.assert_array_equal(load(path).score_samples(emb), det.score_samples(emb))
+
+
+def _drop(section, key):
+    def mutate(arrays, config):
+        del (config if section is None else config[section])[key]
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_drop(None, "fitted"), "no 'fitted' section"),
+    (_drop(None, "detector"), "no 'detector' section"),
+    (_drop(None, "extractor"), "no 'extractor' section"),
+    (_drop("detector", "n_features"), "'detector' section .* lacks n_features"),
+    (lambda a, c: c.__setitem__("fitted", []), "'fitted' section .* is invalid"),
+    (lambda a, c: a.pop("channel_indices"), "array 'channel_indices' is missing"),
+] + [(_drop("fitted", key), f"'fitted' section .* lacks {key}") for key in _FITTED_KEYS])
+def test_missing_entries_are_named(fitted_emb, tmp_path, mutate, message):
+    path = save(fitted_emb[0], tmp_path / "m.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_drop("extractor", "resize_shape"), "'extractor' section .* lacks resize_shape"),
+    (lambda a, c: c["extractor"]["params"].pop("mean"), "'extractor params' section .* lacks mean"),
+])
+def test_missing_extractor_entries_are_named(fitted_lite, tmp_path, mutate, message):
+    path = save(fitted_lite[0], tmp_path / "m.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
         load(path)
 
 
@@ -115,6 +191,10 @@ def test_truncated_and_foreign_files_fail_clearly(fitted_lite, tmp_path):
     np.savez(other, a=np.zeros(3))
     with pytest.raises(ModelFileError, match="not a skpadim model file"):
         load(other)
+    single = tmp_path / "s.npy"  # np.load gives a bare array for a .npy file
+    np.save(single, np.zeros(3))
+    with pytest.raises(ModelFileError, match="not a skpadim model file"):
+        load(single)
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.npz")
 
@@ -133,6 +213,21 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(fitted_lite, tmp_path,
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.npz"]  # no temporary file left behind
     assert zipfile.is_zipfile(path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no POSIX permission bits")
+def test_save_gives_default_permissions_and_keeps_replaced_ones(fitted_emb, tmp_path):
+    det = fitted_emb[0]
+    previous = os.umask(0o027)
+    try:
+        path = save(det, tmp_path / "m.npz")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # as open() would create it
+        assert os.umask(0o027) == 0o027  # save left the umask as it was
+        path.chmod(0o604)
+        save(det, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o604
+    finally:
+        os.umask(previous)
 
 
 def test_save_refuses_what_it_cannot_rebuild(tmp_path):
