@@ -225,6 +225,20 @@ def as_patch_embeddings(X):
     return X if isinstance(X, PatchEmbeddings) else PatchEmbeddings(X)
 
 
+def _check_channel_stats(values, default, name):
+    """``mean`` or ``std``: three finite numbers (one per RGB channel), std positive."""
+    if values is None:
+        return tuple(default)
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(values)) or (name == "std" and min(values) <= 0):
+        kind = "positive numbers" if name == "std" else "finite numbers"
+        raise ValueError(f"{name} must be three {kind}, one per RGB channel; got {values!r}.")
+    return values
+
+
 def _looks_like_path(weights):
     text = str(weights)
     return (
@@ -869,13 +883,14 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         crop_box = None if crop is None else (
             (resize[0] - crop[0]) // 2, (resize[1] - crop[1]) // 2, crop[0], crop[1]
         )
+        lite = isinstance(self.backbone, str) and self.backbone in _LITE_NAMES
+        mean = _check_channel_stats(self.mean, _LITE_MEAN if lite else _IMAGENET_MEAN, "mean")
+        std = _check_channel_stats(self.std, _LITE_STD if lite else _IMAGENET_STD, "std")
         input_shape = resize if crop is None else crop
         key, model, layers, probe = self._traced_backbone(input_shape)
         self.model_ = model
         self.layers_ = layers
-        lite = isinstance(self.backbone, str) and self.backbone in _LITE_NAMES
-        self.mean_ = tuple(self.mean or (_LITE_MEAN if lite else _IMAGENET_MEAN))
-        self.std_ = tuple(self.std or (_LITE_STD if lite else _IMAGENET_STD))
+        self.mean_, self.std_ = mean, std
         self.resize_shape_, self.crop_box_ = resize, crop_box
         if probe is None:
             with torch.no_grad():

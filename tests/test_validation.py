@@ -99,6 +99,13 @@ def test_one_colour_image_is_not_read_as_a_batch():
     assert len(_convert(np.zeros((32, 32, 3), np.uint8)[None])) == 1
 
 
+@pytest.mark.parametrize("name, value", [("mean", (0.5,)), ("mean", ("a", "b", "c")),
+                                         ("std", (0.2, 0.0, 0.2)), ("std", (1, 2, float("nan")))])
+def test_normalisation_statistics_are_checked_at_fit(tiny_extractor, name, value):
+    with pytest.raises(ValueError, match=f"{name} must be three"):
+        tiny_extractor.set_params(**{name: value}).fit()
+
+
 def test_read_only_arrays_are_read_without_warning():
     X = np.zeros((2, 4, 4, 3), np.uint8)
     X.setflags(write=False)
