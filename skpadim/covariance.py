@@ -218,8 +218,9 @@ class _Moments:
     """Sufficient statistics of a set of vectors, one set per position, streamed.
 
     Sums are taken about a fixed reference ``ref`` per position, the mean of the
-    first batch: with ``y_k = x_k - ref``, ``n`` samples, ``s1 = sum y``,
-    ``s2 = sum y y^T``, ``t = sum |y|^2 y`` and ``q = sum |y|^4``. Because the
+    first batch (with a mask, of the first kept samples): with ``y_k = x_k -
+    ref``, ``n`` samples, ``s1 = sum y``, ``s2 = sum y y^T``, ``t = sum |y|^2 y``
+    and ``q = sum |y|^4``. Because the
     reference is already close to the mean, the ``y_k`` are small and the final
     centring subtracts small corrections, so float32 loses no digits to a large
     mean (the "shifted data" algorithm), while a batch costs one accumulating
@@ -309,6 +310,13 @@ class _Moments:
         if mask is not None:
             if self.counts is None:
                 self.counts = torch.full((p,), float(self.n), dtype=torch.float64, device=device)
+            # Kept samples per position before the current block of images. Left-out
+            # samples must not pull the reference away from the kept ones (a robust
+            # fit leaves out outliers, whose offset would cost float32 all its
+            # digits), so the reference of a position is the mean of its first kept
+            # samples: until it has some, its sums are all zero, and a reference
+            # set later shifts nothing already summed.
+            seen = self.counts.clone()
             self.counts += mask.sum(dim=0, dtype=torch.float64).to(device)
             # A left-out sample is shifted to zero: it adds nothing to any sum.
             weights = mask.to(device=device, dtype=work).T[:, :, None]  # (P, n, 1)
@@ -344,6 +352,10 @@ class _Moments:
                         # The mean of the first samples, summed exactly in float64.
                         head = Tk[:, start:stop].sum(dim=0, dtype=torch.float64)
                         ref[start:stop] = head / (k1 - k0)
+                    if mask is not None:
+                        _move_to_kept_mean_(
+                            ref[start:stop], Tk[:, start:stop], weights[start:stop, k0:k1],
+                            seen[start:stop])
                     if shifted is None:
                         Y = Tk[:, start:stop].sub_(ref[start:stop])
                     else:
@@ -412,6 +424,23 @@ class _Moments:
             )
             terms = (tr, fro2, q)
         return self.ref[idx].to(torch.float64) + d, m2, terms
+
+
+def _move_to_kept_mean_(ref, T, weights, seen):
+    """Set the reference of positions with no kept sample yet to the mean of their
+    kept samples in this block of images, and count those, in place.
+
+    ``ref`` (m, C), ``T`` the block's samples (k, m, C), ``weights`` 1 for a kept
+    sample and 0 for a left-out one (m, k, 1), ``seen`` the kept samples counted
+    so far (m,), float64.
+    """
+    kept = weights[:, :, 0].sum(dim=1, dtype=torch.float64)
+    move = (seen == 0) & (kept > 0)
+    if bool(move.any()):
+        head = (T.transpose(0, 1) * weights.to(T.dtype)).sum(dim=1, dtype=torch.float64)
+        mean = head / kept.clamp(min=1)[:, None]
+        ref.copy_(torch.where(move[:, None], mean, ref.to(torch.float64)))
+    seen += kept
 
 
 def _row_block(c):
@@ -608,6 +637,29 @@ def _invert_lower_blocked(L, out, block=16):
     return out
 
 
+def _check_float16_range(L):
+    """Raise unless factors ``L`` (m, C, C) survive rounding to float16 (``compact``).
+
+    Entries past float16's largest value would become infinite, and a diagonal
+    too small loses its precision (down to zero, whose solves give NaN): either
+    way the distances would be silently wrong. Subnormal diagonal entries down to
+    ``2**-18`` still round by under 1% (64 steps of the smallest subnormal), and
+    they are allowed: the jittered factor of a constant position (``1e-5 I``) is
+    one. One reduction over a chunk still in cache.
+    """
+    largest, smallest_diagonal = torch.finfo(torch.float16).max, 2.0**-18
+    lo, hi = (float(v) for v in torch.aminmax(L))
+    smallest = float(torch.diagonal(L, dim1=1, dim2=2).min())
+    if max(-lo, hi) > largest or smallest < smallest_diagonal:
+        raise ValueError(
+            f"compact=True cannot hold these Cholesky factors in float16: their entries span "
+            f"[{lo:.3g}, {hi:.3g}] and their smallest diagonal entry is {smallest:.3g}, where "
+            f"it needs magnitudes of at most {largest:.6g} and diagonal entries of at least "
+            f"{smallest_diagonal:.3g}. Use compact=False, or rescale the embeddings (the "
+            "factors scale with them)."
+        )
+
+
 def _check_patch_mask(mask, X):
     """A validated ``patch_mask`` for embeddings ``X``: None or bool (n, h * w)."""
     if mask is None:
@@ -745,7 +797,9 @@ class PatchCovariance(BaseEstimator):
     compact : bool, default=False
         Round the Cholesky factors to float16 and pickle only their lower
         triangles: a quarter of the float32 size. Scores are computed from the
-        rounded factors, before and after a pickle round trip alike.
+        rounded factors, before and after a pickle round trip alike. Factors
+        beyond float16's range (entries past 65504, or diagonal entries below
+        about 4e-6) raise a ValueError rather than turn into infinities or zeros.
 
     Attributes
     ----------
@@ -807,6 +861,9 @@ class PatchCovariance(BaseEstimator):
     def _check_embeddings(self, X, reset):
         if isinstance(X, torch.Tensor):
             X = X.detach()
+            # The same rule as for arrays: real numbers, so no complex or bool.
+            if X.is_complex() or X.dtype == torch.bool:
+                raise TypeError(f"X: embeddings must be real numbers, got dtype {X.dtype}.")
         else:
             X = np.asarray(X)
             if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
@@ -819,6 +876,11 @@ class PatchCovariance(BaseEstimator):
             )
         if X.shape[0] == 0:
             raise ValueError("X: got 0 images; at least one is required.")
+        if min(X.shape[1:]) == 0:
+            raise ValueError(
+                "X: embeddings need at least one channel and a non-empty grid, got "
+                f"(n_channels, height, width) = {tuple(X.shape[1:])}."
+            )
         if X.is_floating_point() and X.numel():
             # min and max propagate NaN: one pass without a temporary, where
             # isfinite().all() writes and reads a mask as large as X.
@@ -894,8 +956,8 @@ class PatchCovariance(BaseEstimator):
                 "This PatchCovariance was fitted with fit(), which does not keep the running "
                 "statistics; use partial_fit for every batch (or fit on all of them)."
             )
-        if first:
-            self._validate_params()
+        # Every call, as scikit-learn does: set_params may have come in between.
+        self._validate_params()
         X = self._check_embeddings(X, reset=first)
         mask = _check_patch_mask(patch_mask, X)
         # Merge into a copy so that a failure part way leaves the statistics intact.
@@ -1026,6 +1088,7 @@ class PatchCovariance(BaseEstimator):
             if len(idx):
                 factor[idx] = fixed.to(factor.dtype)
             if self.compact:
+                _check_float16_range(factor)
                 factor.copy_(factor.to(torch.float16))
             if block_inverses is not None:
                 block_inverses[sl] = _inverse_diagonal_blocks(

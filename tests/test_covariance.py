@@ -471,3 +471,101 @@ def test_patch_mask_validation():
         fitted.fit(X, patch_mask=mask)
     np.testing.assert_array_equal(fitted.cholesky_, before)
     assert PatchCovariance().fit(X, patch_mask=mask.astype(int)).n_samples_seen_ == 6
+
+
+@pytest.mark.parametrize("offset", [10.0, 1e4])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_patch_mask_reference_ignores_left_out_outliers(monkeypatch, blocks, dtype, offset):
+    # The patches a robust fit leaves out are outliers: sums taken about a reference
+    # that they pulled away from the kept patches (std 0.01) lose every digit.
+    if blocks == "several":  # images added one at a time: the first 2 keep nothing
+        monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1)
+    rng = np.random.RandomState(19)
+    mask = rng.rand(40, 2, 3) > 0.3
+    mask[:2] = False
+    X = 3.0 + 0.01 * _embeddings(n=40, c=5, seed=20) + offset * ~mask[:, None]
+    X = X.astype(dtype)
+    est = PatchCovariance(dtype=dtype).fit(X, patch_mask=mask)
+    tol = 1e-4 if dtype == "float32" else 1e-9
+    for p, (location, covariance) in enumerate(_masked_reference(X, mask, "ledoit-wolf")):
+        np.testing.assert_allclose(est.location_[p], location, rtol=1e-6)
+        scale = np.abs(covariance).max()
+        np.testing.assert_allclose(est.covariance_[p], covariance, rtol=0, atol=tol * scale)
+        L = est.cholesky_[p].astype(np.float64)
+        np.testing.assert_allclose(L @ L.T, covariance, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.filterwarnings("ignore:Only one sample")  # scikit-learn, on that position
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_single_kept_patch_with_ledoit_wolf_equals_a_one_image_fit(monkeypatch, dtype):
+    # One patch is enough for Ledoit-Wolf: its scatter is exactly zero, as in an
+    # unmasked fit of that one image, whatever came before it in the batch.
+    for seed in range(20):
+        rng = np.random.RandomState(seed)
+        X = (rng.randn(6, 4, 2, 3) * 10.0 ** rng.randint(-3, 4) + rng.choice([0, 5, 1e3]))
+        X = X.astype(rng.choice([np.float32, np.float64]))
+        k = rng.randint(6)
+        mask = np.ones((6, 2, 3), dtype=bool)
+        mask[:, 0, 0] = False
+        mask[k, 0, 0] = True
+        monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 2**20 if seed % 2 else 1)
+        est = PatchCovariance(dtype=dtype).fit(X, patch_mask=mask)
+        one = PatchCovariance(dtype=dtype).fit(X[k : k + 1])
+        for name in ("location_", "covariance_", "cholesky_"):
+            np.testing.assert_array_equal(getattr(est, name)[0], getattr(one, name)[0])
+        for p, (location, covariance) in enumerate(_masked_reference(X, mask, "ledoit-wolf")):
+            np.testing.assert_allclose(est.location_[p], location, rtol=1e-6, atol=1e-6)
+            if p:
+                np.testing.assert_allclose(est.covariance_[p], covariance, rtol=1e-4,
+                                           atol=1e-6 * np.abs(covariance).max())
+
+
+def test_partial_fit_validates_parameters_on_every_call():
+    X = _embeddings(n=20, seed=21)
+    est = PatchCovariance().partial_fit(X[:10])
+    for bad in ("oas", -5.0):
+        with pytest.raises(ValueError, match="'shrinkage' parameter"):
+            est.set_params(shrinkage=bad).partial_fit(X[10:])
+    with pytest.raises(ValueError, match="'dtype' parameter"):
+        PatchCovariance(dtype="float16").fit(X)
+    # The rejected calls left the statistics as they were.
+    est.set_params(shrinkage="ledoit-wolf").partial_fit(X[10:])
+    for p, samples in enumerate(_per_position(X)):
+        np.testing.assert_allclose(est.covariance_[p], LedoitWolf().fit(samples).covariance_,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_compact_rejects_factors_beyond_float16():
+    X = _embeddings(n=30, seed=22)
+    fitted = PatchCovariance(compact=True).fit(X)
+    before = fitted.cholesky_.copy()
+    for scale in (1e5, 1e-8):  # factors past float16's largest value, or below its smallest
+        with pytest.raises(ValueError, match="compact=True cannot hold"):
+            fitted.fit(X * scale)
+        np.testing.assert_array_equal(fitted.cholesky_, before)
+    # Within range, the rounded factors still give the distances of the full ones.
+    for scale in (1e3, 1e-3):
+        full = PatchCovariance(dtype="float64").fit(X * scale)
+        compact = PatchCovariance(compact=True).fit(X * scale)
+        new = X[:3] * scale
+        np.testing.assert_allclose(compact.mahalanobis(new), full.mahalanobis(new), rtol=1e-2)
+    # The tiny jittered factor of a constant position is held.
+    X[:, :, 0, 0] = 1.0
+    assert np.isfinite(PatchCovariance(compact=True).fit(X).mahalanobis(X[:3] + 0.1)).all()
+
+
+def test_empty_embeddings_and_non_real_tensors_are_rejected():
+    for shape in [(3, 0, 2, 2), (3, 2, 0, 2), (3, 2, 2, 0)]:
+        for X in (np.zeros(shape), torch.zeros(shape)):
+            with pytest.raises(ValueError, match="at least one channel and a non-empty grid"):
+                PatchCovariance().fit(X)
+    for dtype in (torch.complex64, torch.bool):
+        X = torch.ones((3, 2, 2, 2), dtype=dtype)
+        for form in (X, X.numpy()):  # tensors follow the rule for arrays
+            with pytest.raises(TypeError, match="real numbers"):
+                PatchCovariance().fit(form)
+    # Integers are real numbers, as tensors and as arrays.
+    X = np.random.RandomState(23).randint(0, 9, size=(10, 3, 2, 2))
+    np.testing.assert_allclose(PatchCovariance().fit(torch.from_numpy(X)).covariance_,
+                               PatchCovariance().fit(X).covariance_)
