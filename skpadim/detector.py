@@ -639,10 +639,10 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         X : array-like, tensor, list or iterator of images, or PatchEmbeddings
             Images in any format accepted by :meth:`fit`.
 
-        Yields
-        ------
-        amap : ndarray of shape (H, W)
-            The map of the next image, at its own resolution.
+        Returns
+        -------
+        maps : iterator of ndarray of shape (H, W)
+            The map of each image in turn, at its own resolution.
 
         Examples
         --------
@@ -653,9 +653,13 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         >>> [m.shape for m in det.iter_anomaly_maps(emb[:2])]
         [(3, 3), (3, 3)]
         """
-        for maps, emb in self._iter_maps(X):
-            for amap, shape in zip(maps, emb.image_shapes):
-                yield _to_image_resolution(amap, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
+        # Checked now, not at the first next(): a generator runs nothing until then.
+        check_is_fitted(self, "offset_")
+        return (
+            _to_image_resolution(amap, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
+            for maps, emb in self._iter_maps(X)
+            for amap, shape in zip(maps, emb.image_shapes)
+        )
 
     def score_samples(self, X):
         """Opposite of the anomaly score: higher means more normal.

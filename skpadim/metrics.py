@@ -409,8 +409,18 @@ def _normal_flags(y):
     if np.ndim(labels) != 1:
         raise ValueError(f"y must be 1-D labels or (n, H, W) masks, got shape {np.shape(labels)}.")
     if is_masks or np.any(labels == 0):
-        return labels == 0
-    return labels == 1
+        normal = labels == 0
+    else:
+        normal = labels == 1
+    # Anything but 0 / 1 (or -1 / +1) would count as anomalous without a word:
+    # strings ("good"), class indices, probabilities.
+    if not is_masks and not np.all(normal | (labels == 1) | (labels == -1)):
+        values = np.unique(labels[~(normal | (labels == 1) | (labels == -1))])[:5]
+        raise ValueError(
+            "y must hold 0 (normal) / 1 (anomalous) or +1 (normal) / -1 (anomalous) labels, "
+            f"or masks; got values such as {values.tolist()}."
+        )
+    return normal
 
 
 class _ImageScorer:

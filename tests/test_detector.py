@@ -542,3 +542,14 @@ def test_outlier_contamination_constraint_is_sklearns():
     from sklearn.utils.estimator_checks import check_outlier_contamination
 
     check_outlier_contamination("PatchGaussianDetector", PatchGaussianDetector())
+
+
+def test_iter_anomaly_maps_checks_fitted_when_called():
+    with pytest.raises(NotFittedError):
+        PatchGaussianDetector().iter_anomaly_maps(np.zeros((1, 8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("y", [["good"] * 20 + ["bad"] * 4, [0] * 20 + [2] * 4, [0.0] * 20 + [0.5] * 4])
+def test_labels_other_than_0_1_or_plus_minus_1_are_refused(tiny_extractor, normal_images, y):
+    with pytest.raises(ValueError, match="y must hold 0 .* or masks; got values such as"):
+        PatchGaussianDetector(tiny_extractor, n_features=8).fit(normal_images, y)
