@@ -8,8 +8,10 @@ anomaly maps overlaid.
 """
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -101,17 +103,46 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     return results
 
 
+def _at_least(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_out(out, parser):
+    """Fail before any fitting if the figure could not be written."""
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        parser.error(f"--out {out!r} is a folder; give a file name such as demo.png.")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        parser.error(f"--out: the folder {str(folder)!r} does not exist.")
+    if not os.access(folder, os.W_OK):
+        parser.error(f"--out: cannot write in {str(folder)!r}.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m skpadim", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fit the default detector on built-in real textures")
     demo.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES)
-    demo.add_argument("--n-train", type=int, default=60)
-    demo.add_argument("--n-test", type=int, default=40)
-    demo.add_argument("--image-size", type=int, default=224)
+    demo.add_argument("--n-train", type=_at_least(2), default=60, help="training images (>= 2)")
+    demo.add_argument("--n-test", type=_at_least(2), default=40,
+                      help="test images (>= 2: good and defective ones)")  # fmt: skip
+    demo.add_argument("--image-size", type=_at_least(32), default=224)
     demo.add_argument("--out", default="skpadim-demo.png", help="PNG to write ('' for none)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_at_least(0), default=0)
     args = parser.parse_args(argv)
+    _check_out(args.out, demo)
     run_demo(args.textures, args.n_train, args.n_test, args.image_size, args.out, args.seed)
     return 0
 

@@ -1,0 +1,36 @@
+"""The command line: the demo runs offline, and bad arguments fail before any fitting."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skpadim.__main__ import main, run_demo
+
+
+def test_tiny_demo_writes_its_figure(tmp_path):
+    out = tmp_path / "demo.png"
+    stream = io.StringIO()
+    results = run_demo(("brick",), n_train=6, n_test=4, image_size=64, out=str(out), stream=stream)
+    assert [r["texture"] for r in results] == ["brick"]
+    assert 0 <= results[0]["image_auroc"] <= 1 and 0 <= results[0]["pixel_auroc"] <= 1
+    assert "brick" in stream.getvalue() and f"wrote {out}" in stream.getvalue()
+    figure = np.asarray(Image.open(out))
+    assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] == 2 * 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-test", "1"], "--n-test: must be at least 2"),
+    (["--n-train", "x"], "--n-train: expected an integer"),
+    (["--image-size", "8"], "--image-size: must be at least 32"),
+    (["--out", "{tmp}"], "is a folder"),
+    (["--out", "{tmp}/missing/demo.png"], "does not exist"),
+])
+def test_bad_arguments_fail_before_fitting(tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
