@@ -39,7 +39,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._device import resolve_device
-from ._images import image_shapes, iter_image_batches
+from ._images import count_images, image_shapes, iter_image_batches
 
 __all__ = ["TorchvisionExtractor", "PatchEmbeddings"]
 
@@ -945,6 +945,25 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         with torch.inference_mode():
             return _concat_on_first_grid(self._features(self._preprocess(images, device), device))
+
+    def fit_transform(self, X, y=None):
+        """Fit on X, then return its embeddings.
+
+        Parameters
+        ----------
+        X : images
+            Images in any accepted format; a one-shot iterator is read once and
+            kept (``image_size="auto"`` reads the sizes before the pixels).
+        y : ignored
+
+        Returns
+        -------
+        embeddings : PatchEmbeddings of shape (n_images, n_channels, h, w)
+            As :meth:`transform` returns them.
+        """
+        if count_images(X) is None:
+            X = list(X)
+        return self.fit(X, y).transform(X)
 
     def transform(self, X):
         """Patch embeddings of images.

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
+from sklearn.base import clone
 
 from conftest import textured_images
 from skpadim import PatchCovariance, PatchGaussianDetector, TorchvisionExtractor
@@ -283,3 +284,9 @@ def test_same_data_and_seed_give_identical_results(tiny_extractor, normal_images
     np.testing.assert_array_equal(runs[0].channel_indices_, runs[1].channel_indices_)
     np.testing.assert_array_equal(runs[0].anomaly_maps(test_images), runs[1].anomaly_maps(test_images))
     np.testing.assert_array_equal(runs[0].score_samples(test_images), runs[1].score_samples(test_images))
+
+
+def test_fit_transform_reads_a_one_shot_iterator_once(tiny_extractor, normal_images):
+    ext = tiny_extractor.set_params(image_size="auto")
+    emb = ext.fit_transform(iter(list(normal_images[:3])))
+    np.testing.assert_array_equal(emb, clone(ext).fit(normal_images[:3]).transform(normal_images[:3]))
