@@ -602,8 +602,11 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         extractor = None if self.fitted_on_embeddings_ else self.feature_extractor_
         start = 0
         take = _ChannelTaker(self.channel_indices_)
+        # Embeddings carry their images' shapes too (a Pipeline's extractor
+        # output): checked alike. A plain array has none to check.
+        check_aspect = not self.fitted_on_embeddings_ or isinstance(X, PatchEmbeddings)
         for emb in self._embedding_batches(X, extractor):
-            if not self.fitted_on_embeddings_:
+            if check_aspect:
                 self._check_aspect(emb, start)
             dist = self.gaussian_._mahalanobis_tensor(self._select(emb, take))
             yield upsample_and_blur(dist, emb.input_shape, self.sigma), emb

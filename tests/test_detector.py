@@ -357,6 +357,14 @@ def test_very_elongated_images_of_mixed_sizes(tmp_path):
     assert [m.shape for m in maps] == [(100, 252), (125, 315), (150, 378)]
     with pytest.raises(ValueError, match="outside the range"):
         det.score_samples([np.zeros((100, 100, 3), np.uint8)])
+    # The same guard when the detector is a Pipeline's last step, on embeddings.
+    from sklearn.pipeline import make_pipeline
+
+    pipe = make_pipeline(clone(det.feature_extractor), PatchGaussianDetector(n_features=8, random_state=0))
+    pipe.fit(paths)
+    assert [m.shape for m in pipe[-1].anomaly_maps(pipe[0].transform(paths[:3]))] == [m.shape for m in maps]
+    with pytest.raises(ValueError, match="outside the range"):
+        pipe.score_samples([np.zeros((100, 100, 3), np.uint8)])
 
 
 def test_feature_extraction_doctests():
