@@ -3,7 +3,7 @@
 Accepted inputs (see :func:`iter_image_batches`):
 
 * a numpy array ``(n, H, W, 3)``, ``(n, H, W, 1)`` or ``(n, H, W)``, of dtype
-  uint8 (0..255) or float (0..1);
+  uint8 (0..255), uint16 (0..65535) or float (0..1);
 * a torch tensor ``(n, 3, H, W)`` or ``(n, 1, H, W)``, uint8 or float in [0, 1];
 * a sequence (list, tuple) or iterator of image file paths, of 2-D / 3-D numpy
   arrays of possibly different sizes, or of PIL images.
