@@ -101,6 +101,55 @@ def pool_embeddings(emb, size):
     return F.avg_pool2d(emb, size, stride=1, padding=size // 2, count_include_pad=False)
 
 
+def _leave_one_out_distances(dist, in_fit, counts, shrinkage=None):
+    """Distances of training patches as if each had been left out of its Gaussian.
+
+    A training patch is part of the Gaussian it is measured against, which pulls
+    the mean towards it and stretches the covariance along it: its in-sample
+    distance is far too small when the number of samples ``n`` is not large
+    against the number of channels, and a threshold set on such distances flags
+    most new normal images. Leaving the patch out is a rank-one downdate of the
+    covariance, so by the Sherman-Morrison formula its squared distance becomes
+    ``a d^2 / (1 - b d^2)`` from the in-sample ``d^2``, with, for the
+    Ledoit-Wolf estimate of shrinkage ``s`` (taken as unchanged),
+    ``a = n / (n - 1)``, ``b = (1 - s) / (n - 1)``, and for a fixed ``eps``,
+    ``a = n^2 (n - 2) / (n - 1)^3``, ``b = n / (n - 1)^2``. Both neglect a
+    change of the ridge of relative size ``1 / n``.
+
+    Parameters
+    ----------
+    dist : torch.Tensor of shape (b, h, w)
+        In-sample Mahalanobis distances.
+    in_fit : torch.Tensor of bool, shape (b, h * w) or (b, 1)
+        The patches the Gaussians were fitted on; the others keep their distance.
+    counts : array-like of shape (h * w,) or (1,)
+        Number of patches each Gaussian was fitted on.
+    shrinkage : array-like of shape (h * w,) or None, default=None
+        Ledoit-Wolf coefficients per position, or None for a fixed ``eps``.
+
+    Returns
+    -------
+    dist : torch.Tensor of shape (b, h, w)
+        The distances, leave-one-out where ``in_fit``.
+    """
+    n = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+    if shrinkage is None:
+        # With 2 samples a leave-one-out covariance does not exist: left as is.
+        valid = n >= 3
+        a = n * n * (n - 2) / (n - 1) ** 3
+        b = n / (n - 1) ** 2
+    else:
+        valid = n >= 2
+        a = n / (n - 1)
+        b = (1 - torch.as_tensor(np.asarray(shrinkage, dtype=np.float64))) / (n - 1)
+    d2 = dist.flatten(1).to(torch.float64).square()
+    # The exact denominator is positive (the left-out covariance is positive
+    # definite); the clamp only keeps the approximation finite if it is not.
+    loo = (a * d2 / (1 - b * d2).clamp(min=1e-6)).sqrt()
+    use = in_fit.to(dist.device) & valid.to(dist.device)
+    return torch.where(use, loo.to(dist.dtype), dist.flatten(1)).view_as(dist)
+
+
 def image_scores_from_maps(maps, image_score):
     """Anomaly score of each map ``(n, H, W)``: its maximum or its top-fraction mean."""
     flat = maps.flatten(1)
@@ -228,10 +277,10 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
     contamination : float in (0, 0.5], default=0.01
         Expected fraction of anomalous images, used to place the decision
         threshold: ``offset_`` is the ``contamination`` quantile of the training
-        images' scores. Those scores are in-sample and so slightly optimistic; a
-        held-out set of normal images gives a better threshold (set ``offset_``
-        from it, or use a calibrated threshold of your own on
-        :meth:`score_samples`).
+        images' scores, each taken as if that image had been left out of the
+        fit (in-sample scores are far too optimistic when the images do not
+        greatly outnumber the channels). A held-out set of normal images can
+        also set ``offset_``.
     trim : float in [0, 0.5), default=0.0
         Fraction of the training data left out of the final fit, judged out of
         fold: the training images are split into two halves, alternately, and
@@ -535,7 +584,18 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             np.put_along_axis(keep, worst, False, axis=0)
             gaussian = self._fit_gaussian(X, extractor, channels, keep=keep)[0]
         fitted.gaussian_ = gaussian
-        train_scores = fitted.score_samples(X)
+        # The threshold is set on leave-one-out scores: in-sample ones are too
+        # optimistic (see _leave_one_out_distances). Images and patches left out
+        # by trim are scored as they are.
+        if trimming and self.trim_by == "patch":
+            in_fit = keep
+        else:
+            in_fit = np.ones((n_images, 1), dtype=bool)
+            in_fit[fitted.trimmed_indices_] = False
+        train_scores = np.concatenate([
+            -image_scores_from_maps(maps, self.image_score).cpu().numpy()
+            for maps, _ in fitted._iter_maps(X, in_fit=in_fit)
+        ]).astype(np.float64)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         self.__dict__.update(
             {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
@@ -596,12 +656,20 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         ])
 
     # -- maps and scores -----------------------------------------------------
-    def _iter_maps(self, X):
-        """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings)."""
+    def _iter_maps(self, X, in_fit=None):
+        """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings).
+
+        ``in_fit``: None, or bool (n_images, h * w) or (n_images, 1) marking the
+        patches of X that the Gaussians were fitted on, whose distances are then
+        taken leave-one-out (:func:`_leave_one_out_distances`).
+        """
         check_is_fitted(self, "offset_")
         extractor = None if self.fitted_on_embeddings_ else self.feature_extractor_
         start = 0
         take = _ChannelTaker(self.channel_indices_)
+        if in_fit is not None:
+            counts = in_fit.sum(axis=0)
+            shrinkage = None if self.gaussian_.shrinkage != "ledoit-wolf" else self.gaussian_.shrinkage_
         # Embeddings carry their images' shapes too (a Pipeline's extractor
         # output): checked alike. A plain array has none to check.
         check_aspect = not self.fitted_on_embeddings_ or isinstance(X, PatchEmbeddings)
@@ -609,6 +677,9 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             if check_aspect:
                 self._check_aspect(emb, start)
             dist = self.gaussian_._mahalanobis_tensor(self._select(emb, take))
+            if in_fit is not None:
+                dist = _leave_one_out_distances(
+                    dist, torch.from_numpy(in_fit[start : start + len(emb)]), counts, shrinkage)
             yield upsample_and_blur(dist, emb.input_shape, self.sigma), emb
             start += len(emb)
         if start == 0:

@@ -561,3 +561,73 @@ def test_iter_anomaly_maps_checks_fitted_when_called():
 def test_labels_other_than_0_1_or_plus_minus_1_are_refused(tiny_extractor, normal_images, y):
     with pytest.raises(ValueError, match="y must hold 0 .* or masks; got values such as"):
         PatchGaussianDetector(tiny_extractor, n_features=8).fit(normal_images, y)
+
+
+@pytest.mark.parametrize("n, c", [(40, 6), (30, 12)])
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.05])
+def test_leave_one_out_distances_match_refits_without_the_sample(n, c, shrinkage):
+    from skpadim.detector import _leave_one_out_distances
+
+    rng = np.random.RandomState(0)
+    mixing = rng.randn(c, c) * rng.rand(c)
+    X = (rng.randn(n, 2, c) @ mixing).transpose(0, 2, 1).reshape(n, c, 1, 2)
+    g = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
+    d = g.mahalanobis(X)
+    in_fit = torch.ones(n, 1, dtype=torch.bool)
+    in_fit[0] = False  # as if trimmed: kept as it is
+    loo = _leave_one_out_distances(torch.from_numpy(d), in_fit, [n],
+                                  g.shrinkage_ if shrinkage == "ledoit-wolf" else None).numpy()  # fmt: skip
+    np.testing.assert_array_equal(loo[0], d[0])
+    exact = np.stack([PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(np.delete(X, i, 0))
+                      .mahalanobis(X[i : i + 1])[0] for i in range(1, n)])  # fmt: skip
+    # Up to the neglected change of the ridge (and, for Ledoit-Wolf, of its
+    # coefficient), of relative size 1/n; the in-sample distances are far off.
+    np.testing.assert_allclose(loo[1:], exact, rtol=0.03)
+    assert np.max(np.abs(d[1:] - exact) / exact) > 0.15
+
+
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.05])
+def test_threshold_flags_about_contamination_of_new_normal_images(shrinkage):
+    # 60 training images of 16 channels: in-sample distances are so optimistic
+    # that a threshold on them flags 35-70% of new normal images, not 10%.
+    rates, in_sample_rates = [], []
+    for seed in range(5):
+        rng = np.random.RandomState(seed)
+        mixing = rng.randn(16, 16) * rng.rand(16)
+
+        def draw(n):
+            z = rng.randn(n, 4, 16) @ mixing
+            return PatchEmbeddings(z.transpose(0, 2, 1).reshape(n, 16, 2, 2).astype(np.float32))
+
+        train, new = draw(60), draw(4000)
+        det = PatchGaussianDetector(n_features=None, shrinkage=shrinkage, pooling=1, sigma=0,
+                                    image_score="max", contamination=0.1).fit(train)  # fmt: skip
+        rates.append(np.mean(det.predict(new) == -1))
+        in_sample = np.percentile(det.score_samples(train), 10)
+        in_sample_rates.append(np.mean(det.score_samples(new) < in_sample))
+    assert 0.07 < np.mean(rates) < 0.13, rates
+    assert min(in_sample_rates) > 0.3, in_sample_rates
+
+
+def test_leave_one_out_distances_with_a_patch_mask():
+    # trim_by="patch": positions hold different numbers of patches, and the
+    # left-out patches keep their distance.
+    from skpadim.detector import _leave_one_out_distances
+
+    rng = np.random.RandomState(1)
+    n, c = 40, 5
+    X = rng.randn(n, c, 1, 2)
+    mask = np.ones((n, 1, 2), bool)
+    mask[:7, 0, 1] = False
+    g = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X, patch_mask=mask)
+    d = g.mahalanobis(X)
+    in_fit = mask.reshape(n, 2)
+    loo = _leave_one_out_distances(torch.from_numpy(d), torch.from_numpy(in_fit), in_fit.sum(axis=0)).numpy()
+    np.testing.assert_array_equal(loo[:7, 0, 1], d[:7, 0, 1])
+    for i in (0, 10, 25):
+        without = mask.copy()
+        without[i] = False
+        exact = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X, patch_mask=without)
+        expected = exact.mahalanobis(X[i : i + 1])[0]
+        for j in np.flatnonzero(in_fit[i]):
+            np.testing.assert_allclose(loo[i, 0, j], expected[0, j], rtol=0.01)
