@@ -5,9 +5,10 @@ Thresholds, predictions and the ROC curve
 
 An anomaly score ranks images; deciding which ones to reject needs a threshold.
 :class:`~skpadim.PatchGaussianDetector` places one from ``contamination``, the
-expected fraction of anomalies, on the scores of its own training images. This
-example compares that threshold with one set on held-out normal images, shows
-the resulting confusion matrices, and places both on the ROC curve.
+expected fraction of anomalies, on the scores of its own training images, each
+taken as if that image had been left out of the fit. This example compares that
+threshold with one set on held-out normal images, shows the resulting confusion
+matrices, and places both on the ROC curve.
 """
 
 # %%
@@ -51,32 +52,31 @@ print(f"image AUROC on the test set: {auroc:.3f}")
 # Two thresholds
 # --------------
 # With ``contamination=0.05``, ``offset_`` is chosen so that 5 % of the
-# training images fall on the anomalous side. But those are the images the
+# training images fall on the anomalous side. Those are the images the
 # Gaussians were fitted on, and a Gaussian fits its own training data closely:
-# with 40 images for 100 channels, new normal images score much higher. The
-# in-sample threshold therefore rejects far more than 5 % of new normal
-# images. A threshold set on normal images the detector has not seen is
-# calibrated; here, the 95th percentile of the held-out anomaly scores.
-# Assigning ``offset_`` moves the threshold that ``decision_function`` and
-# ``predict`` use.
-threshold_in_sample = -detector.offset_
+# with 40 images for 100 channels, their in-sample scores (the histogram below)
+# lie far below those of new normal images. The fit therefore scores each
+# training image as if it had been left out, which puts the threshold where
+# new normal images are. A threshold can also be set on normal images the
+# detector has not seen; here, the 95th percentile of the held-out anomaly
+# scores. Assigning ``offset_`` moves the threshold that ``decision_function``
+# and ``predict`` use.
+threshold_fit = -detector.offset_
 threshold_held_out = np.percentile(score_held_out, 95)
-rejected = np.mean(score_held_out > threshold_in_sample)
-print(f"in-sample threshold: {threshold_in_sample:.2f}, "
-      f"rejects {rejected:.0%} of the held-out normal images")
-print(f"held-out threshold:  {threshold_held_out:.2f}")
+for name, threshold in (("fit", threshold_fit), ("held-out", threshold_held_out)):
+    rejected = np.mean(score_held_out > threshold)
+    print(f"{name} threshold: {threshold:.2f}, rejects {rejected:.0%} of the held-out normal images")
 
 lowest = min(score_fit.min(), score_test.min())
 bins = np.linspace(lowest, score_test.max(), 30)
 fig, ax = plt.subplots(figsize=(7, 3.5), layout="constrained")
-ax.hist(score_fit, bins, alpha=0.5, label="training (normal)")
+ax.hist(score_fit, bins, alpha=0.5, label="training, in-sample (normal)")
 ax.hist(score_held_out, bins, alpha=0.5, label="held-out (normal)")
 ax.hist(score_test[y_test == 0], bins, histtype="step", lw=2,
         label="test, normal")
 ax.hist(score_test[y_test == 1], bins, histtype="step", lw=2,
         label="test, defective")
-ax.axvline(threshold_in_sample, color="k", ls="--",
-           label="in-sample threshold")
+ax.axvline(threshold_fit, color="k", ls="--", label="threshold of the fit")
 ax.axvline(threshold_held_out, color="k", ls=":", label="held-out threshold")
 ax.set_xlabel("anomaly score (maximum of the anomaly map)")
 ax.set_ylabel("images")
@@ -90,7 +90,7 @@ plt.show()
 # anomalous. The true labels of the data set are 0 (good) and 1 (defective);
 # ``1 - 2 * y`` converts them.
 y_true = 1 - 2 * y_test
-thresholds = {"in-sample": threshold_in_sample, "held-out": threshold_held_out}
+thresholds = {"fit": threshold_fit, "held-out": threshold_held_out}
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), layout="constrained")
 for ax, (name, threshold) in zip(axes, thresholds.items()):
     detector.offset_ = -threshold
