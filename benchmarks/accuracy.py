@@ -77,14 +77,14 @@ COLUMNS = (
     "config", "n_train", "n_test",
     "image_auroc_val", "pixel_auroc_val", "aupro_val",
     "image_auroc_final", "pixel_auroc_final", "aupro_final",
-    "image_auroc", "pixel_auroc", "aupro", "false_alarm_pct", "detected_pct",
+    "image_auroc", "pixel_auroc", "aupro", "false_alarm_pct", "detected_pct", "false_alarm_in_sample_pct",
     "fit_s", "maps_img_per_s", "peak_rss_mib", "contamination", "trim", "trim_by", "test_set",
     "trimmed_defective",
 )  # fmt: skip
 HEADERS = (
     "config", "train", "test",
     "img val", "px val", "PRO val", "img fin", "px fin", "PRO fin",
-    "img all", "px all", "PRO all", "FA %", "det %", "fit s", "im/s", "RSS MiB", "contam", "trim", "by", "test of",
+    "img all", "px all", "PRO all", "FA %", "det %", "FA in %", "fit s", "im/s", "RSS MiB", "contam", "trim", "by", "test of",
     "trim bad",
 )  # fmt: skip
 
@@ -173,6 +173,11 @@ def worker(cfg):
     flagged = -scores < det.offset_
     result["false_alarm_pct"] = 100 * float(np.mean(flagged[y == 0]))
     result["detected_pct"] = 100 * float(np.mean(flagged[y == 1]))
+    if cfg.get("in_sample"):
+        # The same quantile of the training images' in-sample scores, as a
+        # threshold would be without leaving each image out.
+        in_sample = np.percentile(det.score_samples(cfg["train_paths"]), 100 * det.contamination)
+        result["false_alarm_in_sample_pct"] = 100 * float(np.mean(-scores[y == 0] < in_sample))
     for suffix, sel in (("_val", val), ("_final", ~val), ("", np.ones_like(val))):
         img, px, pro = _metrics(y, scores, masks, maps, sel)
         result.update({f"image_auroc{suffix}": img, f"pixel_auroc{suffix}": px, f"aupro{suffix}": pro})
@@ -231,6 +236,9 @@ def parse_args(argv=None):
     p.add_argument("--max-train", type=int, help="at most this many training images")
     p.add_argument("--figure", help="write a figure of test images and the maps of the first "
                    "configuration to this path (e.g. doc/images/magnetic_tile.jpg)")
+    p.add_argument("--in-sample", action="store_true",
+                   help="also report the false alarms of a threshold on in-sample training scores "
+                        "(one more pass over the training images)")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir")
@@ -310,7 +318,7 @@ def main(argv=None):
                    "test_paths": test.path[keep].tolist(),
                    "mask_paths": test.mask_path[keep].tolist(),
                    "labels": test.label[keep].tolist(), "val": val[keep].tolist(),
-                   "figure": args.figure if i == 0 else None}  # fmt: skip
+                   "figure": args.figure if i == 0 else None, "in_sample": args.in_sample}  # fmt: skip
             print(f"[{config} contamination={frac if mixed else 0.0} trim={trim} {trim_by}, test set of "
                   f"level {frac}] ...", flush=True)
             result = common.run_worker(__file__, cfg, tmp, threads, f"run{i}")
@@ -322,7 +330,8 @@ def main(argv=None):
           "AUROCs and AUPRO@0.3 in %. fit s: both passes of fit (statistics, threshold; "
           "trim adds two), images decoded from disk; im/s: anomaly maps at image resolution "
           "and image scores, one pass; FA % / det %: good test images rejected / defective "
-          "ones caught by predict at the threshold of the fit (contamination 0.01).")  # fmt: skip
+          "ones caught by predict at the threshold of the fit (contamination 0.01); FA in %: "
+          "good test images rejected by a threshold on in-sample training scores (--in-sample).")  # fmt: skip
     print(common.format_table(rows, COLUMNS, HEADERS))
     csv_path, json_path = save(rows)
     print(f"wrote {csv_path} and {json_path}")
