@@ -631,3 +631,40 @@ def test_leave_one_out_distances_with_a_patch_mask():
         expected = exact.mahalanobis(X[i : i + 1])[0]
         for j in np.flatnonzero(in_fit[i]):
             np.testing.assert_allclose(loo[i, 0, j], expected[0, j], rtol=0.01)
+
+
+def test_leave_one_out_distances_with_fewer_images_than_channels():
+    # A tiny eps and n < C: denominators near 2e-7, which a coarse floor would cap.
+    from skpadim.detector import _leave_one_out_distances
+
+    n = 20
+    X = np.random.RandomState(0).randn(n, 100, 1, 1)
+    with pytest.warns(UserWarning, match="barely regularises"):
+        g = PatchCovariance(shrinkage=1e-6, dtype="float64").fit(X)
+    d = g.mahalanobis(X)
+    loo = _leave_one_out_distances(torch.from_numpy(d), torch.ones(n, 1, dtype=torch.bool), [n]).numpy()
+    with pytest.warns(UserWarning, match="barely regularises"):
+        exact = np.stack([PatchCovariance(shrinkage=1e-6, dtype="float64").fit(np.delete(X, i, 0))
+                          .mahalanobis(X[i : i + 1])[0] for i in range(n)])  # fmt: skip
+    np.testing.assert_allclose(loo, exact, rtol=0.03)
+
+
+def test_leave_one_out_distances_stay_on_the_distances_device():
+    # The "meta" device stands in for a GPU: no tensor may be left on the CPU.
+    from skpadim.detector import _leave_one_out_distances
+
+    dist = torch.empty((3, 2, 2), device="meta")
+    in_fit = torch.ones((3, 1), dtype=torch.bool)
+    for shrinkage in (None, np.full(4, 0.3)):
+        out = _leave_one_out_distances(dist, in_fit, np.full(4, 3.0), shrinkage)
+        assert out.device.type == "meta" and out.shape == dist.shape
+
+
+def test_embeddings_without_image_shapes_are_not_held_to_proportions(tiny_extractor, normal_images):
+    # Fitted on bare embeddings (their frame is their grid), the detector has no
+    # proportions to hold real images' embeddings to, and scores them.
+    ext = clone(tiny_extractor).fit(normal_images)
+    emb = ext.transform(normal_images)
+    det = PatchGaussianDetector(n_features=8, random_state=0).fit(PatchEmbeddings(np.asarray(emb)))
+    wide = PatchEmbeddings(np.asarray(emb[:2]), image_shapes=[(600, 800)] * 2, resize_shape=(32, 32))
+    assert det.score_samples(wide).shape == (2,)
