@@ -46,9 +46,12 @@ def _pil_to_array(img):
 
     8-bit modes (RGB, greyscale, palette, with alpha, CMYK...) become uint8 RGB.
     One-channel modes of more bits are not converted to RGB, which would clip
-    them to 0..255: 16-bit images ("I;16...", and "I", as which PIL also opens
-    16-bit PNGs) become uint16, scaled by 65535 like 16-bit arrays, and float
-    images ("F") stay float, to lie in [0, 1] like float arrays.
+    them to 0..255: 16-bit images ("I;16...") become uint16, scaled by 65535
+    like 16-bit arrays; 32-bit integer images ("I", as which older PIL also
+    opens 16-bit PNGs) become uint8 when every value fits 8 bits, as integer
+    arrays are read, and uint16 otherwise; float images ("F") stay float, to
+    lie in [0, 1] like float arrays. Colour images of 16 bits per channel are
+    opened by PIL as 8-bit RGB already.
     """
     if img.mode.startswith("I;16"):
         return np.asarray(img).astype(np.uint16)
@@ -57,9 +60,9 @@ def _pil_to_array(img):
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise ValueError(
                 f"32-bit integer image with values in [{values.min()}, {values.max()}]; "
-                "expected 16-bit values 0..65535"
+                "expected 8-bit or 16-bit values"
             )
-        return values.astype(np.uint16)
+        return values.astype(np.uint8 if values.max(initial=0) <= 255 else np.uint16)
     if img.mode == "F":
         return np.asarray(img, dtype=np.float32)
     return np.asarray(img.convert("RGB"))

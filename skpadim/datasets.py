@@ -800,18 +800,24 @@ def _open_image(path, what):
 
 
 def _to_8bit(img):
-    """Bring 16-bit and float images to 8 bits by scaling, not by clipping."""
+    """Bring 16-bit and float images to 8 bits by scaling, not by clipping.
+
+    Decoded by the rule the detector's inputs follow (16-bit modes scaled by
+    65535, see ``skpadim._images``), so that a file reads the same here and there.
+    """
     from PIL import Image
 
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        values = np.asarray(img, dtype=np.float64)
-        top = values.max(initial=0.0)
-        if top <= 1.0 and img.mode == "F":
-            values = values * 255.0
-        elif top > 255.0:
-            values = values / 257.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    return img
+    from ._images import _pil_to_array
+
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    values = _pil_to_array(img).astype(np.float64)
+    if img.mode == "F":
+        # Float files hold [0, 1]; some hold 8-bit levels, kept as they are.
+        values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+    elif values.max(initial=0.0) > 255.0 or img.mode.startswith("I;16"):
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def _pil_size(size):

@@ -80,8 +80,9 @@ def test_dtypes_and_ranges():
 def test_more_dtypes_are_converted_or_named():
     # Byte-swapped and wide-integer data hold the same pixels as native uint8.
     ref = _convert(np.full((1, 4, 4), 51, np.uint8))[0]
-    for X in (np.full((1, 4, 4), 51, ">u2").astype(">f4") / 255, np.full((1, 4, 4), 51, np.uint32),
-              np.full((1, 4, 4), 51, np.uint64), np.full((1, 4, 4), 51 / 255, np.longdouble)):
+    for X in (np.full((1, 4, 4), 51 / 255, ">f4"), np.full((1, 4, 4), 51 * 257, ">u2"),
+              np.full((1, 4, 4), 51, np.uint32), np.full((1, 4, 4), 51, np.uint64),
+              np.full((1, 4, 4), 51 / 255, np.longdouble)):
         np.testing.assert_allclose(_convert(X)[0], ref, rtol=1e-6)
         np.testing.assert_allclose(_convert(list(X))[0], ref, rtol=1e-6)
     with pytest.raises(ValueError, match=r"X\[0:1\]: .*uint32 must hold 8-bit values"):
@@ -126,6 +127,17 @@ def test_a_folder_or_single_path_is_named_whatever_the_image_size(tiny_extractor
                 det.fit(X)
     with pytest.raises(TypeError, match="single path"):
         TorchvisionExtractor(weights=None).fit(str(tmp_path))
+
+
+def test_32_bit_integer_files_of_8_bit_values_read_as_8_bit(tmp_path):
+    # As integer arrays are read, and as skpadim.datasets.load_images reads them.
+    from skpadim.datasets import load_images
+
+    values = np.arange(30, dtype=np.int32).reshape(6, 5) * 8
+    Image.fromarray(values.astype(np.uint8)).convert("I").save(tmp_path / "i.tiff")
+    expected = torch.from_numpy(values.astype(np.float32) / 255)
+    torch.testing.assert_close(_convert([tmp_path / "i.tiff"])[0][0], expected)
+    np.testing.assert_array_equal(load_images([tmp_path / "i.tiff"])[0][..., 0], values)
 
 
 @pytest.mark.parametrize("kind", ["uint16", "int32", "float32"])
