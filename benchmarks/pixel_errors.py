@@ -59,10 +59,11 @@ def analyse(maps, masks, defect_types):
     good_pixels = np.concatenate([maps[i].ravel() for i in good])
     q99 = np.quantile(good_pixels, 0.99)
 
-    def row(group, values, medians):
+    def row(group, values, medians=None):
+        # The median map is a figure of whole images: none for a distance band.
         return {"group": group, "n_pixels": int(values.size),
                 "auroc_vs_defects": auroc(defects, values),
-                "median_map": float(np.median(medians)),
+                "median_map": None if medians is None else float(np.median(medians)),
                 "frac_above_good_q99": float(np.mean(values > q99))}  # fmt: skip
 
     medians = np.array([np.median(m) for m in maps])
@@ -74,7 +75,7 @@ def analyse(maps, masks, defect_types):
             bands[lo, hi].append(maps[i][~masks[i] & (distance > lo) & (distance <= hi)])
     for (lo, hi), values in bands.items():
         name = f"defective, {lo}-{hi:g} px" if np.isfinite(hi) else f"defective, > {lo} px"
-        rows.append(row(name, np.concatenate(values), medians[bad]))
+        rows.append(row(name, np.concatenate(values)))
     for kind in sorted(set(types[bad])):
         idx = np.flatnonzero(types == kind)
         normal = np.concatenate([maps[i][~masks[i]] for i in idx])
