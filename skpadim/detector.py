@@ -119,8 +119,8 @@ def _leave_one_out_distances(dist, in_fit, counts, shrinkage=None):
     while ``mu``, the mean variance, loses the left-out patch's share of the
     total scatter: negligible for typical patches (within 3% of refits in the
     tests), but the distance of a patch that dominates the scatter of its
-    position, an outlier among few images, comes out too small (by a third in
-    a test with one such image among 24).
+    position, an outlier among few images, comes out too small (by a third for
+    one image shifted by 4 standard deviations among 24).
 
     Parameters
     ----------
@@ -653,16 +653,17 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
 
     def _patch_distances(self, X):
         """Mahalanobis distance of every patch of X, (n_images, h * w), unsmoothed."""
-        extractor = None if self.fitted_on_embeddings_ else self.feature_extractor_
-        take = _ChannelTaker(self.channel_indices_)
-        return np.concatenate([
-            self.gaussian_._mahalanobis_tensor(self._select(emb, take)).flatten(1).cpu().numpy()
-            for emb in self._embedding_batches(X, extractor)
-        ])
+        return np.concatenate([dist.flatten(1).cpu().numpy() for dist, _ in self._iter_distances(X)])
 
     # -- maps and scores -----------------------------------------------------
     def _iter_maps(self, X, in_fit=None):
-        """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings).
+        """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings);
+        ``in_fit`` as for :meth:`_iter_distances`."""
+        for dist, emb in self._iter_distances(X, in_fit):
+            yield upsample_and_blur(dist, emb.input_shape, self.sigma), emb
+
+    def _iter_distances(self, X, in_fit=None):
+        """Yield (patch distances (b, h, w), embeddings), batch by batch.
 
         ``in_fit``: None, or bool (n_images, h * w) or (n_images, 1) marking the
         patches of X that the Gaussians were fitted on, whose distances are then
@@ -689,7 +690,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             if in_fit is not None:
                 dist = _leave_one_out_distances(
                     dist, torch.from_numpy(in_fit[start : start + len(emb)]), counts, shrinkage)
-            yield upsample_and_blur(dist, emb.input_shape, self.sigma), emb
+            yield dist, emb
             start += len(emb)
         if start == 0:
             raise ValueError("X: got 0 images; at least one is required.")
