@@ -230,13 +230,13 @@ def _check_channel_stats(values, default, name):
     if values is None:
         return tuple(default)
     try:
-        values = tuple(float(v) for v in values)
+        numbers_ = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(np.isfinite(values)) or (name == "std" and min(values) <= 0):
+        numbers_ = ()
+    if len(numbers_) != 3 or not all(np.isfinite(numbers_)) or (name == "std" and min(numbers_) <= 0):
         kind = "positive numbers" if name == "std" else "finite numbers"
         raise ValueError(f"{name} must be three {kind}, one per RGB channel; got {values!r}.")
-    return values
+    return numbers_
 
 
 def _looks_like_path(weights):
