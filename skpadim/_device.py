@@ -3,17 +3,37 @@
 import torch
 
 
+def check_device(device):
+    """The ``device`` parameter as a torch.device (None for ``"auto"``), or a ValueError.
+
+    Accepts ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and torch.device
+    objects of type cpu or cuda; whether a GPU is present is not checked here.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of type "
+            f"cpu or cuda; got {device!r}."
+        )
+    return parsed
+
+
 def resolve_device(device):
-    """Map ``"auto"``, ``"cpu"``, ``"cuda"`` (or a ``torch.device``) to a torch.device.
+    """Map ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a ``torch.device``) to a torch.device.
 
     ``"auto"`` picks the first CUDA GPU when torch sees one and the CPU otherwise.
     """
-    if device is None or (isinstance(device, str) and device == "auto"):
+    parsed = check_device(device)
+    if parsed is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
-            f"device={str(device)!r} was requested but torch sees no CUDA GPU on this "
+            f"device={str(parsed)!r} was requested but torch sees no CUDA GPU on this "
             "machine; use device='cpu' or device='auto'."
         )
-    return device
+    return parsed

@@ -783,7 +783,7 @@ class PatchCovariance(BaseEstimator):
         :class:`sklearn.covariance.LedoitWolf` fitted on that position alone. A
         float ``eps >= 0`` is the PaDiM paper's regularisation: the unbiased
         sample covariance plus ``eps * I`` (the paper uses 0.01).
-    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the batched linear algebra runs; ``"auto"`` takes a GPU when there
         is one. Fitted attributes are always stored as numpy arrays.
     dtype : {"float32", "float64"}, default="float32"
@@ -836,7 +836,7 @@ class PatchCovariance(BaseEstimator):
 
     _parameter_constraints = {
         "shrinkage": [StrOptions({"ledoit-wolf"}), Interval(numbers.Real, 0, None, closed="left")],
-        "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
+        "device": [str, torch.device],
         "dtype": [StrOptions({"float32", "float64"})],
         "store_covariance": ["boolean"],
         "compact": ["boolean"],

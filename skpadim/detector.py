@@ -18,6 +18,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._device import resolve_device
 from ._images import ValidatedImages, count_images, iter_image_batches
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, as_patch_embeddings
@@ -308,7 +309,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         also drops make the Gaussians too tight for the next unusual good image.
     batch_size : int, default=32
         Images per batch; bounds the memory of fit and scoring.
-    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the covariance and distance computations run (the extractor has
         its own ``device``).
     compact : bool, default=False
@@ -369,7 +370,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         "trim_by": [StrOptions({"patch", "image"})],
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
+        "device": [str, torch.device],
         "compact": ["boolean"],
         "random_state": ["random_state"],
     }
@@ -513,6 +514,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             The fitted detector.
         """
         self._validate_params()
+        resolve_device(self.device)  # a bad or absent device fails before any image is read
         n_images = count_images(X)
         if n_images is None:
             raise TypeError(

@@ -38,7 +38,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
-from ._device import resolve_device
+from ._device import check_device, resolve_device
 from ._images import count_images, image_shapes, iter_image_batches
 
 __all__ = ["TorchvisionExtractor", "PatchEmbeddings"]
@@ -678,7 +678,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         [-1, 1] scaling for EfficientNet-Lite).
     batch_size : int, default=32
         Images per forward pass.
-    device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
+    device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the backbone runs.
     memory : str, joblib.Memory or None, default=None
         Caches the embedding of each image on disk (a folder path, or a
@@ -731,7 +731,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         "mean": [tuple, list, None],
         "std": [tuple, list, None],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "device": [StrOptions({"auto", "cpu", "cuda"}), torch.device],
+        "device": [str, torch.device],
         "memory": [None, str, HasMethods(["cache"])],
     }
 
@@ -873,6 +873,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             The fitted extractor.
         """
         self._validate_params()
+        check_device(self.device)  # a misspelt device fails now, not at transform
         if isinstance(self.image_size, str):
             resize = auto_image_size(X)
         else:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 from sklearn.base import clone
+from sklearn.utils._param_validation import InvalidParameterError
 
 from conftest import textured_images
 from skpadim import PatchCovariance, PatchGaussianDetector, TorchvisionExtractor
@@ -220,6 +221,36 @@ def test_cuda_requested_without_gpu(tiny_extractor, normal_images):
     tiny_extractor.set_params(device="cuda")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         PatchGaussianDetector(tiny_extractor, n_features=4).fit(normal_images)
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "auto"])
+def test_cpu_devices_are_accepted_in_any_spelling(tiny_extractor, normal_images, device):
+    det = PatchGaussianDetector(tiny_extractor, n_features=4, device=device).fit(normal_images)
+    assert clone(det).get_params()["device"] == device
+    assert np.isfinite(det.score_samples(normal_images[:2])).all()
+
+
+def test_indexed_cuda_device_is_accepted_and_checked(tiny_extractor, normal_images):
+    # "cuda:1" is how torch users name a GPU: it is a valid value, refused only
+    # where there is no GPU, with the same message as "cuda".
+    det = PatchGaussianDetector(tiny_extractor, n_features=4, device="cuda:1")
+    assert clone(det).get_params()["device"] == "cuda:1"
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present, so asking for one is not an error")
+    with pytest.raises(RuntimeError, match="device='cuda:1' was requested"):
+        det.fit(normal_images)
+    assert not hasattr(det, "offset_")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", 3])
+def test_misspelt_devices_are_named_before_any_work(tiny_extractor, normal_images, device):
+    expected = ValueError if isinstance(device, str) else InvalidParameterError
+    with pytest.raises(expected, match="device"):
+        PatchGaussianDetector(tiny_extractor, n_features=4, device=device).fit(normal_images)
+    with pytest.raises(expected, match="device"):
+        clone(tiny_extractor).set_params(device=device).fit(normal_images)
+    with pytest.raises(expected, match="device"):
+        PatchCovariance(device=device).fit(np.zeros((4, 3, 2, 2), np.float32))
 
 
 def test_too_few_images_for_a_tiny_fixed_shrinkage(tiny_extractor, normal_images):
