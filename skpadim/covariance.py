@@ -683,6 +683,11 @@ def _check_patch_mask(mask, X):
 def _triangular_inverse(D, eye):
     """Inverses of lower-triangular blocks ``D`` (B, b, b); ``eye`` at least b wide."""
     b = D.shape[-1]
+    # Row-major whatever D's layout (cholesky_ex returns column-major factors):
+    # LAPACK's result depends on the layout it is given, and the inverses found
+    # during the Cholesky must equal, bit for bit, those recomputed from the
+    # stored factors after loading.
+    D = D.contiguous()
     return torch.linalg.solve_triangular(D, eye[:b, :b].expand_as(D), upper=False)
 
 
