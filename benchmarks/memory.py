@@ -11,6 +11,10 @@ the RSS is sampled every ``--every`` images: it should stay flat.
     python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 400 5000
     python benchmarks/memory.py fit --backbone wide_resnet50_2 --weights none --n-features 550 --n 200 400
     python benchmarks/memory.py stream --n 10000
+    python benchmarks/memory.py fit --image-size auto --n-features auto --tile 500 1260 --n 200
+
+The last is the defaults (EfficientNet-Lite0, every channel, a frame with the
+images' proportions) on parts as elongated as on many inspection lines.
 """
 
 import argparse
@@ -42,13 +46,18 @@ class TextureTiles(Sequence):
 
     Random crops (position, flip) of scikit-image's brick / grass / gravel, so
     that memory holds no image set; indexing twice gives the same tile.
+    ``size``: an int (square) or ``(height, width)``; the 512 x 512 photograph
+    is mirrored at its borders where a tile is larger.
     """
 
     def __init__(self, n, size=224, texture="brick", seed=0):
         from skimage import data
 
-        self.n, self.size, self.seed = n, size, seed
-        self.source = getattr(data, texture)()
+        self.n, self.seed = n, seed
+        self.size = (size, size) if np.isscalar(size) else tuple(size)
+        source = getattr(data, texture)()
+        pad = [(0, max(0, s - d)) for s, d in zip(self.size, source.shape)]
+        self.source = np.pad(source, pad, mode="symmetric")
 
     def __len__(self):
         return self.n
@@ -59,9 +68,9 @@ class TextureTiles(Sequence):
         if not 0 <= i < self.n:
             raise IndexError(i)
         rng = np.random.RandomState(self.seed * 1_000_003 + i)
-        h, w = self.source.shape
-        y, x = rng.randint(0, h - self.size + 1), rng.randint(0, w - self.size + 1)
-        tile = self.source[y : y + self.size, x : x + self.size]
+        (h, w), (th, tw) = self.source.shape, self.size
+        y, x = rng.randint(0, h - th + 1), rng.randint(0, w - tw + 1)
+        tile = self.source[y : y + th, x : x + tw]
         if rng.rand() < 0.5:
             tile = tile[:, ::-1]
         return np.repeat(tile[..., None], 3, axis=-1).copy()
@@ -73,9 +82,11 @@ def _detector(cfg):
     weights = None if cfg["weights"] == "none" else cfg["weights"]
     if weights == "default":
         weights = "DEFAULT"
-    ext = TorchvisionExtractor(cfg["backbone"], weights=weights, image_size=cfg["image_size"],
-                               device=cfg["device"])
-    return PatchGaussianDetector(ext, n_features=cfg["n_features"], random_state=0,
+    size, n_features = cfg["image_size"], cfg["n_features"]
+    ext = TorchvisionExtractor(cfg["backbone"], weights=weights, device=cfg["device"],
+                               image_size=size if size == "auto" else int(size))
+    return PatchGaussianDetector(ext, random_state=0,
+                                 n_features=n_features if n_features == "auto" else int(n_features),
                                  batch_size=cfg["batch_size"], device=cfg["device"])
 
 
@@ -87,9 +98,20 @@ def fit_worker(cfg):
     base = current_rss_bytes()
     det = _detector(cfg)
     start = time.perf_counter()
-    det.fit(TextureTiles(cfg["n"], cfg["image_size"]))
+    det.fit(TextureTiles(cfg["n"], _tile_size(cfg)))
     return {"n_images": cfg["n"], "fit_s": time.perf_counter() - start,
-            "rss_base_mib": base / MIB, "peak_rss_mib": max_rss_bytes() / MIB}
+            "rss_base_mib": base / MIB, "peak_rss_mib": max_rss_bytes() / MIB,
+            "frame": "x".join(map(str, det.input_shape_)),
+            "n_features": len(det.channel_indices_)}
+
+
+def _tile_size(cfg):
+    """The training tiles' (height, width): ``--tile``, else the square ``--image-size``."""
+    if cfg.get("tile"):
+        return tuple(cfg["tile"])
+    if cfg["image_size"] == "auto":
+        return (224, 224)
+    return int(cfg["image_size"])
 
 
 def run_fit(args):
@@ -102,9 +124,12 @@ def run_fit(args):
     first = rows[0]["peak_rss_mib"]
     for r in rows:
         r["vs_first"] = r["peak_rss_mib"] / first
-    columns = ["n_images", "fit_s", "rss_base_mib", "peak_rss_mib", "vs_first"]
+    columns = ["n_images", "frame", "n_features", "fit_s", "rss_base_mib", "peak_rss_mib",
+               "vs_first"]
     print(format_table(rows, columns))
     name = f"memory_fit_{args.backbone}_rd{args.n_features}"
+    if args.tile:
+        name += f"_tile{args.tile[0]}x{args.tile[1]}"
     meta = {"config": {k: v for k, v in vars(args).items() if k != "func"},
             "environment": environment(args.threads)}
     write_results(name, rows, columns, meta)
@@ -113,8 +138,8 @@ def run_fit(args):
 def run_stream(args):
     set_threads(args.threads)
     det = _detector(dict(vars(args)))
-    det.fit(TextureTiles(args.n_train, args.image_size, seed=1))
-    stream = (TextureTiles(args.n, args.image_size, seed=2)[i] for i in range(args.n))
+    det.fit(TextureTiles(args.n_train, _tile_size(vars(args)), seed=1))
+    stream = (TextureTiles(args.n, _tile_size(vars(args)), seed=2)[i] for i in range(args.n))
     rows, start = [], time.perf_counter()
     for i, _ in enumerate(det.iter_anomaly_maps(stream), start=1):
         if i % args.every == 0 or i == args.n:
@@ -145,8 +170,10 @@ def main(argv=None):
         p.set_defaults(func=func)
         p.add_argument("--backbone", default="efficientnet_lite0")
         p.add_argument("--weights", default="default", help="'default', 'none' or a path")
-        p.add_argument("--n-features", type=int, default=100)
-        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--n-features", default="100", help="an int or 'auto'")
+        p.add_argument("--image-size", default="224", help="an int (square) or 'auto'")
+        p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"),
+                       help="training tiles of this shape (default: square, of --image-size)")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--device", default="cpu")
         p.add_argument("--threads", type=int, default=2)
