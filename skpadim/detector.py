@@ -29,6 +29,11 @@ __all__ = ["PatchGaussianDetector"]
 # Images whose height/width ratio lies this far outside the training images'
 # range would be distorted differently by the resize than the training images.
 _ASPECT_TOLERANCE = 0.1
+# batch_size counts images of this many pixels (224 x 224, the paper's frame);
+# larger frames go through in proportionally fewer images per batch, so that the
+# backbone's activations and the batch's embeddings take about the same memory
+# whatever the frame (an elongated 224 x 576 frame: 12 images instead of 32).
+_BATCH_FRAME_PIXELS = 224 * 224
 # n_features="auto" keeps at most this many channels: all of the default
 # EfficientNet-Lite0 extractor's 176, and a random subset of wider backbones,
 # whose per-position covariances would otherwise grow with the square.
@@ -308,7 +313,10 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         but less of the image-level detection, since the rare good patches it
         also drops make the Gaussians too tight for the next unusual good image.
     batch_size : int, default=32
-        Images per batch; bounds the memory of fit and scoring.
+        Images per batch, for frames up to 224 x 224 pixels; bounds the memory
+        of fit and scoring. Larger frames go in proportionally fewer images per
+        batch (at least one), so that a batch takes about the same memory
+        whatever the image size: 12 images of an elongated part's 224 x 576.
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the covariance and distance computations run (the extractor has
         its own ``device``).
@@ -418,15 +426,20 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 # blur and scores are those the threshold was set on.
                 X = PatchEmbeddings(X, resize_shape=self.input_shape_)
             X = as_patch_embeddings(X)
-            for start in range(0, len(X), self.batch_size):
-                yield X.rows(start, start + self.batch_size)
+            step = self._images_per_batch(X.input_shape)
+            for start in range(0, len(X), step):
+                yield X.rows(start, start + step)
             return
         if extractor is None:
             raise ValueError(
                 "This detector was fitted on patch embeddings (e.g. as the last step of a "
                 "Pipeline), so it can only score PatchEmbeddings, not images."
             )
-        for batch in iter_image_batches(X, self.batch_size):
+        frame = getattr(extractor, "resize_shape_", None)
+        crop = getattr(extractor, "crop_box_", None)
+        if crop is not None:
+            frame = crop[2:]
+        for batch in iter_image_batches(X, self._images_per_batch(frame)):
             emb = extractor.transform(ValidatedImages(batch))
             if not isinstance(emb, PatchEmbeddings):
                 # The interface allows a plain array: its grid is then the frame,
@@ -434,6 +447,13 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 emb = PatchEmbeddings(_check_embedding_array(emb, len(batch)),
                                       image_shapes=[tuple(t.shape[-2:]) for t in batch])  # fmt: skip
             yield emb
+
+    def _images_per_batch(self, frame):
+        """``batch_size``, scaled down for frames ``(H, W)`` larger than 224 x 224."""
+        if frame is None:  # a custom extractor that does not tell its frame
+            return self.batch_size
+        pixels = max(1, int(frame[0]) * int(frame[1]))
+        return max(1, min(self.batch_size, self.batch_size * _BATCH_FRAME_PIXELS // pixels))
 
     def _check_aspect(self, emb, start):
         low, high = self.aspect_range_

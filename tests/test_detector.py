@@ -335,6 +335,39 @@ def test_auto_image_size_keeps_the_training_proportions(normal_images):
     assert TorchvisionExtractor(TinyNet(), layers=("block1",), weights=None).fit().resize_shape_ == (224, 224)
 
 
+def test_large_frames_go_in_fewer_images_per_batch(monkeypatch, tiny_extractor, normal_images,
+                                                   test_images):
+    sizes = []
+    batches = PatchGaussianDetector._embedding_batches
+
+    def recording(self, X, extractor):
+        for emb in batches(self, X, extractor):
+            sizes.append(len(emb))
+            yield emb
+
+    monkeypatch.setattr(PatchGaussianDetector, "_embedding_batches", recording)
+    params = dict(n_features=4, batch_size=8, random_state=0)
+    reference = PatchGaussianDetector(tiny_extractor, **params).fit(normal_images)
+    assert set(sizes) == {8}  # 32 x 32 frames: within the 224 x 224 budget
+    # A budget of 16 x 16 pixels: the 32 x 32 frames count four times, 2 per batch.
+    monkeypatch.setattr(skpadim.detector, "_BATCH_FRAME_PIXELS", 16 * 16)
+    sizes.clear()
+    det = PatchGaussianDetector(tiny_extractor, **params).fit(normal_images)
+    assert set(sizes) == {2} and sum(sizes) == 2 * len(normal_images)  # statistics, threshold
+    np.testing.assert_allclose(det.score_samples(test_images), reference.score_samples(test_images),
+                               rtol=1e-4)
+    assert det.offset_ == pytest.approx(reference.offset_, rel=1e-4)
+    # Embeddings are batched by the frame they record, as the images were.
+    sizes.clear()
+    PatchGaussianDetector(**params).fit(clone(tiny_extractor).fit_transform(normal_images))
+    assert set(sizes) == {2}
+    # At least one image per batch, however large the frame.
+    monkeypatch.setattr(skpadim.detector, "_BATCH_FRAME_PIXELS", 1)
+    sizes.clear()
+    det.score_samples(test_images)
+    assert set(sizes) == {1}
+
+
 def test_very_elongated_images_of_mixed_sizes(tmp_path):
     from PIL import Image
 
