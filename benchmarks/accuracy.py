@@ -133,7 +133,7 @@ def worker(cfg):
     from skpadim.datasets import load_masks
 
     common.set_threads(cfg["threads"])
-    from skpadim.detector import _to_image_resolution, image_scores_from_maps
+    from skpadim.detector import _to_image_resolution, _image_scores_from_maps
 
     det = build(cfg)
     with common.Timer() as t_fit:
@@ -143,7 +143,7 @@ def worker(cfg):
     maps, scores = [], []
     with common.Timer() as t_maps:
         for frame_maps, emb in det._iter_maps(cfg["test_paths"]):
-            scores.append(image_scores_from_maps(frame_maps, det.image_score).cpu().numpy())
+            scores.append(_image_scores_from_maps(frame_maps, det.image_score).cpu().numpy())
             maps += [_to_image_resolution(m, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
                      for m, shape in zip(frame_maps, emb.image_shapes)]  # fmt: skip
     scores = np.concatenate(scores).astype(np.float64)

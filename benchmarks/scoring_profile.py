@@ -62,7 +62,7 @@ def profile(backbone, n_features, train, test, args):
     from skpadim._images import ValidatedImages, iter_image_batches
     from skpadim.feature_extraction import _concat_on_first_grid
     from skpadim.detector import (
-        _ChannelTaker, _to_image_resolution, image_scores_from_maps, upsample_and_blur,
+        _ChannelTaker, _to_image_resolution, _image_scores_from_maps, _upsample_and_blur,
     )
 
     torch.manual_seed(0)
@@ -88,9 +88,9 @@ def profile(backbone, n_features, train, test, args):
         t3 = time.perf_counter()
         dist = det.gaussian_._mahalanobis_tensor(selected)
         t4 = time.perf_counter()
-        maps = upsample_and_blur(dist, ext.resize_shape_, det.sigma)
+        maps = _upsample_and_blur(dist, ext.resize_shape_, det.sigma)
         t5 = time.perf_counter()
-        image_scores_from_maps(maps, det.image_score)
+        _image_scores_from_maps(maps, det.image_score)
         t6 = time.perf_counter()
         for amap, img in zip(maps, batch):
             _to_image_resolution(amap, tuple(img.shape[1:]), ext.resize_shape_, ext.crop_box_)

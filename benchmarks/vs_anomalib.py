@@ -415,12 +415,12 @@ def blur_check():
     import torch
     from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator
 
-    from skpadim.detector import gaussian_blur
+    from skpadim.detector import _gaussian_blur
 
     gen = AnomalyMapGenerator(sigma=int(SIGMA))
     radius = int(4.0 * SIGMA + 0.5)
     x = torch.rand(2, 96, 96, generator=torch.Generator().manual_seed(0))
-    ours = gaussian_blur(x, SIGMA)
+    ours = _gaussian_blur(x, SIGMA)
     theirs = gen.blur(x[:, None])[:, 0]
     diff = (ours - theirs).abs()
     return {

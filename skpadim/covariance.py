@@ -498,10 +498,10 @@ def ledoit_wolf_shrinkage_from_moments(n, m2, q):
     Parameters
     ----------
     n : int
-        Number of samples.
-    m2 : torch.Tensor of shape (P, C, C)
+        Number of samples, at least 1.
+    m2 : torch.Tensor or ndarray of shape (P, C, C)
         Centred scatter matrices ``sum_k y_k y_k^T``.
-    q : torch.Tensor of shape (P,)
+    q : torch.Tensor or ndarray of shape (P,)
         ``sum_k |y_k|^4``.
 
     Returns
@@ -521,10 +521,35 @@ def ledoit_wolf_shrinkage_from_moments(n, m2, q):
     >>> bool(np.isclose(float(s[0]), ledoit_wolf_shrinkage(x)))
     True
     """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a positive integer (the number of samples); got {n!r}.")
+    m2 = _as_float_tensor(m2, "m2")
+    q = _as_float_tensor(q, "q")
+    if m2.ndim != 3 or m2.shape[1] != m2.shape[2] or m2.shape[1] == 0:
+        raise ValueError(f"m2 must have shape (P, C, C) with C >= 1; got {tuple(m2.shape)}.")
+    if q.shape != m2.shape[:1]:
+        raise ValueError(
+            f"q must have shape (P,) = ({m2.shape[0]},), one value per matrix of m2; "
+            f"got {tuple(q.shape)}."
+        )
+    if not (bool(torch.isfinite(m2).all()) and bool(torch.isfinite(q).all())):
+        raise ValueError("m2 and q must be finite; they contain NaN or infinity.")
     n_features = m2.shape[-1]
     tr = _trace(m2)
     fro2 = torch.linalg.vector_norm(m2, dim=(1, 2)).to(torch.float64).square()
     return _ledoit_wolf_shrinkage(n, n_features, tr, fro2, q)
+
+
+def _as_float_tensor(a, name):
+    """``a`` (tensor or array-like of real numbers) as a floating-point tensor."""
+    if not isinstance(a, torch.Tensor):
+        arr = np.asarray(a)
+        if arr.dtype.kind not in "iuf":
+            raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}.")
+        a = torch.as_tensor(arr)
+    if a.is_complex() or a.dtype == torch.bool:
+        raise ValueError(f"{name} must hold real numbers; got dtype {a.dtype}.")
+    return a if a.is_floating_point() else a.to(torch.float64)
 
 
 def _ledoit_wolf_shrinkage(n, c, tr, fro2, q):
@@ -542,7 +567,7 @@ def _ledoit_wolf_shrinkage(n, c, tr, fro2, q):
     return torch.where(beta > 0, beta / safe_delta, torch.zeros_like(beta))
 
 
-def cholesky_lower(cov):
+def _cholesky_lower(cov):
     """Lower Cholesky factors of a batch of SPD matrices, robust to semi-definiteness.
 
     Positions whose covariance is singular in floating point (constant image
@@ -1087,7 +1112,7 @@ class PatchCovariance(BaseEstimator):
                     shrink[at.cpu()] = s64.cpu()
                 if cov_out is not None:
                     cov_out[at.cpu().numpy()] = cov64.cpu().numpy()
-                fixed = cholesky_lower(cov64)
+                fixed = _cholesky_lower(cov64)
             factor = chol[sl]
             factor.copy_(cov)
             if len(idx):

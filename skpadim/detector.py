@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._device import resolve_device
 from ._images import ValidatedImages, count_images, iter_image_batches
 from .covariance import PatchCovariance
-from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, as_patch_embeddings
+from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings
 from .metrics import _normal_flags
 
 __all__ = ["PatchGaussianDetector"]
@@ -40,7 +40,7 @@ _BATCH_FRAME_PIXELS = 224 * 224
 _AUTO_MAX_FEATURES = 200
 
 
-def gaussian_blur(maps, sigma):
+def _gaussian_blur(maps, sigma):
     """Separable Gaussian smoothing of maps ``(n, H, W)``, as scipy's gaussian_filter.
 
     The kernel is truncated at 4 sigma and the borders are mirrored including
@@ -75,18 +75,18 @@ def _upsample_blur_operator(size_in, size_out, sigma, dtype, device):
     map is ``M_h @ D @ M_w.T``: two small matrix products instead of an
     interpolation and two one-channel convolutions, several times faster and
     equal to them up to rounding. Built by sending the identity through
-    ``F.interpolate`` and :func:`gaussian_blur` (in float64), so it is exactly
+    ``F.interpolate`` and :func:`_gaussian_blur` (in float64), so it is exactly
     what they compute.
     """
     basis = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, size_in, 1)
     up = F.interpolate(basis, size=(size_out, 1), mode="bilinear", align_corners=False)
     # A width of 1 is left as it is by the blur (its mirror is itself).
-    columns = gaussian_blur(up[:, 0], sigma)[:, :, 0]  # (size_in, size_out)
+    columns = _gaussian_blur(up[:, 0], sigma)[:, :, 0]  # (size_in, size_out)
     return columns.T.contiguous().to(dtype=dtype, device=device)
 
 
-def upsample_and_blur(dist, size, sigma):
-    """Bilinear upsampling of maps ``(n, h, w)`` to ``size``, then :func:`gaussian_blur`."""
+def _upsample_and_blur(dist, size, sigma):
+    """Bilinear upsampling of maps ``(n, h, w)`` to ``size``, then :func:`_gaussian_blur`."""
     n, h, w = dist.shape
     H, W = (int(s) for s in size)
     rows = _upsample_blur_operator(h, H, float(sigma), dist.dtype, dist.device)
@@ -94,7 +94,7 @@ def upsample_and_blur(dist, size, sigma):
     return torch.matmul(torch.matmul(rows, dist), cols.T)
 
 
-def pool_embeddings(emb, size):
+def _pool_embeddings(emb, size):
     """Average each embedding with its ``size x size`` neighbours (stride 1).
 
     Every patch then describes its neighbourhood, not only its own receptive
@@ -164,7 +164,7 @@ def _leave_one_out_distances(dist, in_fit, counts, shrinkage=None):
     return torch.where(use, loo.to(dist.dtype), dist.flatten(1)).view_as(dist)
 
 
-def image_scores_from_maps(maps, image_score):
+def _image_scores_from_maps(maps, image_score):
     """Anomaly score of each map ``(n, H, W)``: its maximum or its top-fraction mean."""
     flat = maps.flatten(1)
     if image_score == "max":
@@ -425,7 +425,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
                 # read on the frame of the training embeddings, so that its maps,
                 # blur and scores are those the threshold was set on.
                 X = PatchEmbeddings(X, resize_shape=self.input_shape_)
-            X = as_patch_embeddings(X)
+            X = _as_patch_embeddings(X)
             step = self._images_per_batch(X.input_shape)
             for start in range(0, len(X), step):
                 yield X.rows(start, start + step)
@@ -481,7 +481,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
 
     def _pooled(self, selected):
         selected = torch.from_numpy(np.ascontiguousarray(selected))
-        return pool_embeddings(selected, int(self.pooling))
+        return _pool_embeddings(selected, int(self.pooling))
 
     def set_params(self, **params):
         """Set the parameters of this detector, and of its feature extractor.
@@ -682,7 +682,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings);
         ``in_fit`` as for :meth:`_iter_distances`."""
         for dist, emb in self._iter_distances(X, in_fit):
-            yield upsample_and_blur(dist, emb.input_shape, self.sigma), emb
+            yield _upsample_and_blur(dist, emb.input_shape, self.sigma), emb
 
     def _iter_distances(self, X, in_fit=None):
         """Yield (patch distances (b, h, w), embeddings), batch by batch.
@@ -789,7 +789,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
     def _score_samples(self, X, in_fit=None):
         """:meth:`score_samples`, leave-one-out where ``in_fit`` (see _iter_maps)."""
         scores = [
-            -image_scores_from_maps(maps, self.image_score).cpu().numpy()
+            -_image_scores_from_maps(maps, self.image_score).cpu().numpy()
             for maps, _ in self._iter_maps(X, in_fit)
         ]
         return np.concatenate(scores).astype(np.float64)

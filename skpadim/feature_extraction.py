@@ -41,7 +41,7 @@ from sklearn.utils.validation import check_is_fitted, check_memory
 from ._device import check_device, resolve_device
 from ._images import count_images, image_shapes, iter_image_batches
 
-__all__ = ["TorchvisionExtractor", "PatchEmbeddings"]
+__all__ = ["PatchEmbeddings", "TorchvisionExtractor", "auto_image_size"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -220,7 +220,7 @@ class PatchEmbeddings(np.ndarray):
         super().__setstate__(base)
 
 
-def as_patch_embeddings(X):
+def _as_patch_embeddings(X):
     """Return X as PatchEmbeddings (a plain 4-D array gets the grid as geometry)."""
     return X if isinstance(X, PatchEmbeddings) else PatchEmbeddings(X)
 
@@ -472,6 +472,10 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
     >>> auto_image_size(None)
     (224, 224)
     """
+    for name, value in (("short_side", short_side), ("multiple", multiple),
+                        ("max_long_side", max_long_side)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
     ratio = 1.0 if X is None else float(np.median([h / w for h, w in image_shapes(X)]))
     short = max(multiple, int(round(short_side / multiple)) * multiple)
     long = int(round(short * max(ratio, 1 / ratio) / multiple)) * multiple

@@ -89,6 +89,28 @@ def test_shrinkage_from_moments_matches_sklearn_function():
         assert ours == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-9)
 
 
+def test_shrinkage_from_moments_takes_arrays_and_names_bad_input():
+    x = np.random.RandomState(4).randn(12, 3)
+    y = x - x.mean(0)
+    m2, q = (y.T @ y)[None], ((y**2).sum(1) ** 2).sum()[None]
+    from_arrays = float(ledoit_wolf_shrinkage_from_moments(12, m2, q)[0])
+    assert from_arrays == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-9)
+    bad = [
+        ((0, m2, q), "n must be a positive integer"),
+        ((12.0, m2, q), "n must be a positive integer"),
+        ((True, m2, q), "n must be a positive integer"),
+        ((12, m2[0], q), r"m2 must have shape \(P, C, C\)"),
+        ((12, m2[:, :2], q), r"m2 must have shape \(P, C, C\)"),
+        ((12, m2, np.r_[q, q]), r"q must have shape \(P,\) = \(1,\)"),
+        ((12, np.where(np.eye(3) > 0, np.nan, m2), q), "must be finite"),
+        ((12, m2.astype(complex), q), "real numbers"),
+        ((12, m2, np.array(["a"])), "real numbers"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            ledoit_wolf_shrinkage_from_moments(*args)
+
+
 def test_mahalanobis_equals_numpy_reference():
     X = _embeddings(n=30, seed=4)
     X_new = _embeddings(n=5, seed=5) * 1.5

@@ -14,7 +14,7 @@ from sklearn.exceptions import NotFittedError
 
 import skpadim.detector
 from skpadim import PatchCovariance, PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
-from skpadim.detector import gaussian_blur, upsample_and_blur
+from skpadim.detector import _gaussian_blur, _upsample_and_blur
 
 
 def _pool_plainly(emb, size):
@@ -106,10 +106,10 @@ def test_scores_and_maps_equal_plain_padim_reference(normal_images, test_images,
 def test_gaussian_blur_equals_scipy():
     maps = np.random.RandomState(0).rand(3, 37, 50).astype(np.float32)
     for sigma in (0.7, 4.0, 20.0):  # 20: kernel wider than the map, mirrored again
-        ours = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+        ours = _gaussian_blur(torch.from_numpy(maps), sigma).numpy()
         ref = np.stack([gaussian_filter(m.astype(np.float64), sigma) for m in maps])
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(gaussian_blur(torch.from_numpy(maps), 0).numpy(), maps)
+    np.testing.assert_array_equal(_gaussian_blur(torch.from_numpy(maps), 0).numpy(), maps)
 
 
 def _upsample_plainly(m, size):
@@ -124,7 +124,7 @@ def _upsample_plainly(m, size):
 @pytest.mark.parametrize("size, sigma", [((224, 224), 4.0), ((61, 90), 2.5), ((20, 27), 0)])
 def test_upsample_and_blur_equals_interpolation_then_scipy(size, sigma):
     dist = np.random.RandomState(1).rand(3, 14, 9)
-    ours = upsample_and_blur(torch.from_numpy(dist.astype(np.float32)), size, sigma).numpy()
+    ours = _upsample_and_blur(torch.from_numpy(dist.astype(np.float32)), size, sigma).numpy()
     ref = [_upsample_plainly(d, size) for d in dist]
     if sigma:
         ref = [gaussian_filter(r, sigma) for r in ref]
@@ -452,7 +452,7 @@ def test_patch_trim_leaves_out_the_farthest_patches_per_position(normal_images, 
     # Reference built from the public pieces: out-of-fold patch distances from
     # detectors fitted on each half, the worst patch per position dropped, and a
     # PatchCovariance fitted with that mask on the same pooled channels.
-    from skpadim.detector import pool_embeddings
+    from skpadim.detector import _pool_embeddings
 
     train = normal_images.copy()
     train[[3, 17]] = test_images[[4, 5]]
@@ -463,7 +463,7 @@ def test_patch_trim_leaves_out_the_farthest_patches_per_position(normal_images, 
 
     def pooled(images):
         emb = extractor.transform(images)[:, channels]
-        return pool_embeddings(torch.from_numpy(np.ascontiguousarray(emb)), 3)
+        return _pool_embeddings(torch.from_numpy(np.ascontiguousarray(emb)), 3)
 
     even, odd = np.arange(0, 24, 2), np.arange(1, 24, 2)
     distances = np.empty((24, *trimmed.gaussian_.grid_shape_))

@@ -28,7 +28,9 @@ API_RST = ROOT / "doc" / "api.rst"
 
 PUBLIC_MODULES = (
     "skpadim",
+    "skpadim.covariance",
     "skpadim.datasets",
+    "skpadim.feature_extraction",
     "skpadim.metrics",
     "skpadim.model_selection",
     "skpadim.persistence",

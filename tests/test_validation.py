@@ -253,6 +253,15 @@ def test_misspelt_devices_are_named_before_any_work(tiny_extractor, normal_image
         PatchCovariance(device=device).fit(np.zeros((4, 3, 2, 2), np.float32))
 
 
+@pytest.mark.parametrize("name", ["short_side", "multiple", "max_long_side"])
+@pytest.mark.parametrize("value", [0, -32, 224.0, True])
+def test_auto_image_size_names_a_bad_setting(name, value):
+    from skpadim.feature_extraction import auto_image_size
+
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        auto_image_size(None, **{name: value})
+
+
 def test_too_few_images_for_a_tiny_fixed_shrinkage(tiny_extractor, normal_images):
     # Ledoit-Wolf is well defined for any number of images; a tiny eps is not.
     PatchGaussianDetector(tiny_extractor, n_features=8).fit(normal_images[:3])
