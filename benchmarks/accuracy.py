@@ -32,6 +32,13 @@ Examples (from the repository root)::
     python benchmarks/accuracy.py --root ../shared/data/magnetic_tile --configs defaults \\
         --contaminate 0.02 0.05
     python benchmarks/accuracy.py --textures
+    python benchmarks/accuracy.py --textures --elongated
+
+``--elongated`` cuts the texture set's 504 x 504 tiles into strips of 200 x 504
+pixels (the 1:2.5 proportions of many inspection lines' parts, 500 x 1260 px),
+each defective strip around its defect, so that the paper's square frame and
+the defaults' frame with the images' proportions can be compared on
+elongated parts.
 """
 
 import argparse
@@ -52,6 +59,7 @@ CONFIGS = {
     "defaults": {},
     "square-224": {"image_size": 224},
     "short-288": {"image_size": "short288"},
+    "area-224": {"image_size": "area224"},
     "lite1": {"backbone": "efficientnet_lite1"},
     "lite2": {"backbone": "efficientnet_lite2"},
     # Which blocks of Lite0 (default: the ends of the stride 4, 8 and 16 stages):
@@ -116,7 +124,36 @@ def build(cfg):
         from skpadim.feature_extraction import auto_image_size
 
         ext["image_size"] = auto_image_size(cfg["train_paths"], short_side=288)
+    elif size == "area224":
+        from skpadim._images import image_shapes
+
+        ratio = float(np.median([h / w for h, w in image_shapes(cfg["train_paths"])]))
+        elong = max(ratio, 1 / ratio)
+        short = 224 / np.sqrt(elong)
+        sides = (max(32, int(round(short / 32)) * 32), max(32, int(round(short * elong / 32)) * 32))
+        ext["image_size"] = sides[::-1] if ratio > 1 else sides
     return det.set_params(feature_extractor=TorchvisionExtractor(**ext))
+
+
+def cut_strips(frame, height, seed):
+    """Crop every image of an MVTec-layout ``frame`` (and its mask) to ``height`` rows, in place.
+
+    A defective image's strip holds its defect's central row (at a random place
+    in the strip); other strips lie at random.
+    """
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for path, mask_path in zip(frame.path, frame.mask_path):
+        image = Image.open(path)
+        top = rng.randint(0, image.height - height + 1)
+        if isinstance(mask_path, str) and mask_path:
+            mask = Image.open(mask_path)
+            rows = np.flatnonzero(np.asarray(mask).reshape(mask.height, -1).any(axis=1))
+            centre = int(np.median(rows))
+            top = int(np.clip(centre - rng.randint(20, height - 20), 0, image.height - height))
+            mask.crop((0, top, mask.width, top + height)).save(mask_path)
+        image.crop((0, top, image.width, top + height)).save(path)
 
 
 def _metrics(y, scores, masks, maps, sel):
@@ -233,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--contaminate", nargs="+", type=float, default=[],
                    help="fractions of defective images added to train/good (runs the defaults "
                    "with and without trim)")  # fmt: skip
+    p.add_argument("--elongated", action="store_true",
+                   help="with --textures: strips of 200 x 504 px cut from 504 px tiles")
     p.add_argument("--max-train", type=int, help="at most this many training images")
     p.add_argument("--figure", help="write a figure of test images and the maps of the first "
                    "configuration to this path (e.g. doc/images/magnetic_tile.jpg)")
@@ -247,6 +286,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.worker is None and not args.root and not args.textures:
         p.error("give --root DIR or --textures")
+    if args.elongated and not args.textures:
+        p.error("--elongated applies to --textures")
     if args.configs == ["all"]:
         args.configs = list(CONFIGS)
     unknown = set(args.configs) - set(CONFIGS)
@@ -270,8 +311,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="skpadim-acc-") as tmp:
         if args.textures:
             root = write_mvtec(Path(tmp) / "textures", "brick", n_train=60, n_test=40,
-                               image_size=128, random_state=args.seed)  # fmt: skip
+                               image_size=504 if args.elongated else 128,
+                               random_state=args.seed)  # fmt: skip
             dataset = "textures-brick"
+            if args.elongated:
+                cut_strips(load_mvtec(root), height=200, seed=args.seed)
+                dataset += "-elongated"
         else:
             root = Path(args.root)
             dataset = root.resolve().name
