@@ -34,6 +34,11 @@ Examples (from the repository root)::
     python benchmarks/accuracy.py --textures
     python benchmarks/accuracy.py --textures --elongated
 
+``--strips 3`` (with ``--root``) lays every image and mask three times side by
+side, the middle copy mirrored, so that magnetic tile's parts (median
+height/width 1.18) become 1:2.5 strips that keep their real, small defects at
+full resolution.
+
 ``--elongated`` cuts the texture set's 504 x 504 tiles into strips of 200 x 504
 pixels (the 1:2.5 proportions of many inspection lines' parts, 500 x 1260 px),
 each defective strip around its defect, so that the paper's square frame and
@@ -156,6 +161,22 @@ def cut_strips(frame, height, seed):
         image.crop((0, top, image.width, top + height)).save(path)
 
 
+def lay_side_by_side(root, out, copies):
+    """A copy of the MVTec-layout folder ``root`` in ``out``, every image and mask
+    laid ``copies`` times side by side, every other copy mirrored (lossless PNG)."""
+    from PIL import Image
+
+    for path in sorted(Path(root).rglob("*")):
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            continue
+        a = np.asarray(Image.open(path))
+        strip = np.concatenate([a if i % 2 == 0 else a[:, ::-1] for i in range(copies)], axis=1)
+        target = (out / path.relative_to(root)).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(strip).save(target)
+    return out
+
+
 def _metrics(y, scores, masks, maps, sel):
     from skpadim.metrics import aupro, image_auroc, pixel_auroc
 
@@ -270,6 +291,9 @@ def parse_args(argv=None):
     p.add_argument("--contaminate", nargs="+", type=float, default=[],
                    help="fractions of defective images added to train/good (runs the defaults "
                    "with and without trim)")  # fmt: skip
+    p.add_argument("--strips", type=int,
+                   help="with --root: lay each image (and mask) this many times side by side, "
+                   "every other copy mirrored, into an elongated part")
     p.add_argument("--elongated", action="store_true",
                    help="with --textures: strips of 200 x 504 px cut from 504 px tiles")
     p.add_argument("--max-train", type=int, help="at most this many training images")
@@ -288,6 +312,8 @@ def parse_args(argv=None):
         p.error("give --root DIR or --textures")
     if args.elongated and not args.textures:
         p.error("--elongated applies to --textures")
+    if args.strips is not None and (not args.root or args.strips < 2):
+        p.error("--strips applies to --root and takes a count of at least 2")
     if args.configs == ["all"]:
         args.configs = list(CONFIGS)
     unknown = set(args.configs) - set(CONFIGS)
@@ -320,6 +346,9 @@ def main(argv=None):
         else:
             root = Path(args.root)
             dataset = root.resolve().name
+            if args.strips:
+                root = lay_side_by_side(root, Path(tmp) / dataset, args.strips)
+                dataset += f"-strips{args.strips}"
         frame = load_mvtec(root)
         train = frame[frame.split == "train"]
         test = frame[frame.split == "test"].reset_index(drop=True)
