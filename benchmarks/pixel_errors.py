@@ -16,6 +16,14 @@ Per defect type: the pixel AUROC with the good images, the median over images of
 each map's median value, and the fraction of normal pixels above the good
 images' 99th percentile (1% on good images by construction).
 
+Geometry: every image is resized to the detector's one frame, so images of
+different sizes are magnified differently, and one whose height/width differs
+from the frame's is stretched one way. A second table gives, per group of test
+images, the Spearman correlation of the median score of the image's normal
+pixels with the magnification along each axis (``log(frame H / H)``,
+``log(frame W / W)``) and with the stretch (``|log((H / W) / (frame H /
+frame W))|``): whether the whole map rises with the resize.
+
 Example (from the repository root)::
 
     python benchmarks/pixel_errors.py --root ../shared/data/magnetic_tile
@@ -88,6 +96,26 @@ def analyse(maps, masks, defect_types):
     return rows
 
 
+def geometry(maps, masks, defect_types, frame):
+    """Rows: per group of images, how the median of the normal pixels' scores follows
+    the resize into ``frame`` (Spearman's rho)."""
+    from scipy.stats import spearmanr
+
+    types = np.asarray(defect_types)
+    shapes = np.array([m.shape for m in maps], dtype=float)
+    zoom_h, zoom_w = np.log(frame[0] / shapes[:, 0]), np.log(frame[1] / shapes[:, 1])
+    stretch = np.abs(zoom_h - zoom_w)
+    level = np.array([np.median(m[~k]) for m, k in zip(maps, masks)])
+    rows = []
+    for group in ["good"] + sorted(set(types) - {"good"}) + ["all"]:
+        sel = np.ones(len(types), bool) if group == "all" else types == group
+        rows.append({"images": group, "n": int(sel.sum()),
+                     "rho_zoom_h": float(spearmanr(zoom_h[sel], level[sel])[0]),
+                     "rho_zoom_w": float(spearmanr(zoom_w[sel], level[sel])[0]),
+                     "rho_stretch": float(spearmanr(stretch[sel], level[sel])[0])})  # fmt: skip
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="MVTec-layout category folder")
@@ -115,11 +143,17 @@ def main(argv=None):
     maps = det.anomaly_maps(test.path.tolist())
     masks = [m > 0 for m in load_masks(test.mask_path.tolist(), shapes=[m.shape for m in maps])]
     rows = analyse(list(maps), masks, test.defect_type.tolist())
+    geometry_rows = geometry(list(maps), masks, test.defect_type.tolist(), det.input_shape_)
     name = "_".join(common.slug(p) for p in ("pixel_errors", root.resolve().name))
     columns = COLUMNS + ("pixel_auroc_with_good",)
     meta = {"benchmark": "pixel_errors", "config": vars(args), "n_train": len(train),
-            "n_test": len(test), "environment": env}  # fmt: skip
+            "n_test": len(test), "frame": list(det.input_shape_), "geometry": geometry_rows,
+            "environment": env}  # fmt: skip
     print(common.format_table(rows, columns, HEADERS + ("px AUROC w/ good",)))
+    print(f"\nSpearman's rho of the median score of each image's normal pixels with its "
+          f"resize into the {det.input_shape_[0]} x {det.input_shape_[1]} frame:")
+    print(common.format_table(geometry_rows, tuple(geometry_rows[0]),
+                              ("images", "n", "magnified H", "magnified W", "stretch")))
     csv_path, json_path = common.write_results(name, rows, columns, meta, args.results_dir)
     print(f"wrote {csv_path} and {json_path}")
 
