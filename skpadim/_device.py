@@ -36,4 +36,9 @@ def resolve_device(device):
             f"device={str(parsed)!r} was requested but torch sees no CUDA GPU on this "
             "machine; use device='cpu' or device='auto'."
         )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"device={str(parsed)!r} was requested but torch sees only "
+            f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0."
+        )
     return parsed

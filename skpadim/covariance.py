@@ -546,7 +546,7 @@ def _as_float_tensor(a, name):
         arr = np.asarray(a)
         if arr.dtype.kind not in "iuf":
             raise ValueError(f"{name} must hold real numbers; got dtype {arr.dtype}.")
-        a = torch.as_tensor(arr)
+        a = torch.tensor(arr)  # a copy: read-only arrays are fine
     if a.is_complex() or a.dtype == torch.bool:
         raise ValueError(f"{name} must hold real numbers; got dtype {a.dtype}.")
     return a if a.is_floating_point() else a.to(torch.float64)
@@ -734,7 +734,7 @@ def _inverse_diagonal_blocks(L, block, halves=None):
         halves = torch.zeros((m, -(-c // half), half, half), dtype=L.dtype, device=L.device)
         for i, k in enumerate(range(0, c, half)):
             e = min(k + half, c)
-            halves[:, i, : e - k, : e - k] = _triangular_inverse(L[:, k:e, k:e].contiguous(), eye)
+            halves[:, i, : e - k, : e - k] = _triangular_inverse(L[:, k:e, k:e], eye)
     out = torch.zeros((m, -(-c // block), block, block), dtype=L.dtype, device=L.device)
     for i, k in enumerate(range(0, c, block)):
         e = min(k + block, c)

@@ -90,10 +90,13 @@ def test_shrinkage_from_moments_matches_sklearn_function():
 
 
 def test_shrinkage_from_moments_takes_arrays_and_names_bad_input():
-    x = np.random.RandomState(4).randn(12, 3)
+    rng = np.random.RandomState(4)
+    x = rng.randn(12, 3) * rng.rand(3)  # unequal scales: a shrinkage strictly inside (0, 1)
     y = x - x.mean(0)
     m2, q = (y.T @ y)[None], ((y**2).sum(1) ** 2).sum()[None]
-    from_arrays = float(ledoit_wolf_shrinkage_from_moments(12, m2, q)[0])
+    assert 0 < ledoit_wolf_shrinkage(x) < 1
+    read_only = np.broadcast_to(m2, m2.shape)  # read-only views are accepted too
+    from_arrays = float(ledoit_wolf_shrinkage_from_moments(12, read_only, q)[0])
     assert from_arrays == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-9)
     bad = [
         ((0, m2, q), "n must be a positive integer"),
@@ -105,6 +108,8 @@ def test_shrinkage_from_moments_takes_arrays_and_names_bad_input():
         ((12, np.where(np.eye(3) > 0, np.nan, m2), q), "must be finite"),
         ((12, m2.astype(complex), q), "real numbers"),
         ((12, m2, np.array(["a"])), "real numbers"),
+        ((12, m2, np.array([np.nan])), "must be finite"),
+        ((12, torch.from_numpy(m2).bool(), q), "real numbers"),
     ]
     for args, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -223,7 +223,7 @@ def test_cuda_requested_without_gpu(tiny_extractor, normal_images):
         PatchGaussianDetector(tiny_extractor, n_features=4).fit(normal_images)
 
 
-@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "auto"])
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0), "auto"])
 def test_cpu_devices_are_accepted_in_any_spelling(tiny_extractor, normal_images, device):
     det = PatchGaussianDetector(tiny_extractor, n_features=4, device=device).fit(normal_images)
     assert clone(det).get_params()["device"] == device
@@ -244,12 +244,18 @@ def test_indexed_cuda_device_is_accepted_and_checked(tiny_extractor, normal_imag
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", 3])
 def test_misspelt_devices_are_named_before_any_work(tiny_extractor, normal_images, device):
-    expected = ValueError if isinstance(device, str) else InvalidParameterError
-    with pytest.raises(expected, match="device"):
-        PatchGaussianDetector(tiny_extractor, n_features=4, device=device).fit(normal_images)
-    with pytest.raises(expected, match="device"):
-        clone(tiny_extractor).set_params(device=device).fit(normal_images)
-    with pytest.raises(expected, match="device"):
+    # Strings reach check_device; other types are refused by the parameter constraints.
+    expected, message = (ValueError, "device must be 'auto'") if isinstance(device, str) else (
+        InvalidParameterError, "'device' parameter")
+    det = PatchGaussianDetector(tiny_extractor, n_features=4, device=device)
+    with pytest.raises(expected, match=message):
+        det.fit(normal_images)
+    assert not hasattr(det, "feature_extractor_")  # refused before the extractor was built
+    ext = clone(tiny_extractor).set_params(device=device)
+    with pytest.raises(expected, match=message):
+        ext.fit(normal_images)
+    assert not hasattr(ext, "model_")
+    with pytest.raises(expected, match=message):
         PatchCovariance(device=device).fit(np.zeros((4, 3, 2, 2), np.float32))
 
 
@@ -260,6 +266,13 @@ def test_auto_image_size_names_a_bad_setting(name, value):
 
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         auto_image_size(None, **{name: value})
+
+
+def test_auto_image_size_of_no_images_is_named():
+    from skpadim.feature_extraction import auto_image_size
+
+    with pytest.raises(ValueError, match="X holds no images"):
+        auto_image_size(np.zeros((0, 32, 48, 3), np.uint8))
 
 
 def test_too_few_images_for_a_tiny_fixed_shrinkage(tiny_extractor, normal_images):
