@@ -265,10 +265,11 @@ def image_shapes(X):
     _check_not_a_path(X)
     if isinstance(X, np.ndarray) and X.dtype != object:
         _check_batch_shape(X)
-        return [tuple(X.shape[1:3])] * len(X)
-    if isinstance(X, torch.Tensor) and X.ndim == 4:
-        return [tuple(X.shape[2:])] * len(X)
-    shapes = [_shape_of(item, i) for i, item in enumerate(X)]
+        shapes = [tuple(X.shape[1:3])] * len(X)
+    elif isinstance(X, torch.Tensor) and X.ndim == 4:
+        shapes = [tuple(X.shape[2:])] * len(X)
+    else:
+        shapes = [_shape_of(item, i) for i, item in enumerate(X)]
     if not shapes:
         raise ValueError("X: got 0 images; at least one is required.")
     return shapes

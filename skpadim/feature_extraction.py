@@ -476,10 +476,7 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
                         ("max_long_side", max_long_side)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    shapes = [] if X is None else image_shapes(X)
-    if X is not None and len(shapes) == 0:
-        raise ValueError("X holds no images; pass at least one, or None for a square.")
-    ratio = 1.0 if X is None else float(np.median([h / w for h, w in shapes]))
+    ratio = 1.0 if X is None else float(np.median([h / w for h, w in image_shapes(X)]))
     short = max(multiple, int(round(short_side / multiple)) * multiple)
     long = int(round(short * max(ratio, 1 / ratio) / multiple)) * multiple
     long = max(short, min(long, max(short, max_long_side // multiple * multiple)))
