@@ -34,6 +34,7 @@ PUBLIC_MODULES = (
     "skpadim.metrics",
     "skpadim.model_selection",
     "skpadim.persistence",
+    "skpadim.tiling",
 )
 
 

@@ -1,0 +1,380 @@
+"""Images of mixed sizes at one pixel scale, cut into windows of a fixed frame.
+
+:class:`PatchGaussianDetector` resizes every image onto one frame: images of
+different sizes are magnified differently, and their maps differ in level with
+that magnification. :class:`TiledDetector` instead resizes every image by the
+same factor, mirrors the edges of images smaller than the frame (the window)
+outwards until they fill it, and cuts larger ones into evenly spaced, overlapping
+windows. A :class:`PatchGaussianDetector` is fitted on the windows of the
+training images; a new image's map is the average of its windows' maps where they
+overlap, cropped to the image and resized back to its resolution.
+"""
+
+import math
+import numbers
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, OutlierMixin, clone
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._images import ValidatedImages, count_images, image_shapes, iter_image_batches
+from .detector import PatchGaussianDetector, _normal_only, _to_image_resolution
+from .feature_extraction import TorchvisionExtractor, auto_image_size
+
+__all__ = ["TiledDetector"]
+
+
+def _window_starts(length, window):
+    """Offsets of the windows along one side of ``length`` (>= ``window``) pixels:
+    as few windows as cover it, evenly spaced, the first at 0 and the last at the end."""
+    if length <= window:
+        return [0]
+    count = math.ceil(length / window)
+    return [int(round(s)) for s in np.linspace(0, length - window, count)]
+
+
+def _symmetric_indices(n, before, after):
+    """Indices into ``range(n)`` that pad it by mirroring (edge included), as
+    ``np.pad(mode="symmetric")`` does, however many times the pad exceeds ``n``."""
+    idx = np.arange(-before, n + after) % (2 * n)
+    return torch.from_numpy(np.where(idx < n, idx, 2 * n - 1 - idx))
+
+
+class _Layout:
+    """Where the windows of one image of shape ``(h, w)`` lie.
+
+    The image is resized to ``scaled`` pixels, padded by ``pads`` (top, bottom,
+    left, right) to ``padded``, and covered by windows of ``window`` pixels whose
+    top-left corners are ``boxes``.
+    """
+
+    def __init__(self, shape, scale, window):
+        self.shape = tuple(int(s) for s in shape)
+        self.scaled = tuple(max(1, int(round(s * scale))) for s in self.shape)
+        self.window = window
+        pad_h, pad_w = (max(0, win - s) for win, s in zip(window, self.scaled))
+        self.pads = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
+        self.padded = (self.scaled[0] + pad_h, self.scaled[1] + pad_w)
+        self.boxes = [(top, left) for top in _window_starts(self.padded[0], window[0])
+                      for left in _window_starts(self.padded[1], window[1])]  # fmt: skip
+
+    def cut(self, image):
+        """The windows of ``image`` (a float tensor ``(3, h, w)``), as a list."""
+        from torchvision.transforms.v2 import functional as TF
+
+        if tuple(image.shape[1:]) != self.scaled:
+            # Antialiased resampling overshoots [0, 1] a little: the windows are
+            # images again, and validated as such by the detector.
+            image = TF.resize(image, list(self.scaled), antialias=True).clamp_(0, 1)
+        top, bottom, left, right = self.pads
+        if top or bottom:
+            image = image.index_select(1, _symmetric_indices(self.scaled[0], top, bottom))
+        if left or right:
+            image = image.index_select(2, _symmetric_indices(self.scaled[1], left, right))
+        h, w = self.window
+        return [image[:, t : t + h, l : l + w].contiguous() for t, l in self.boxes]
+
+    def stitch(self, maps):
+        """The map of the resized image from its windows' maps (``(n_windows, H, W)``):
+        their average where they overlap, the padding cropped off."""
+        h, w = self.window
+        total = maps.new_zeros(self.padded)
+        count = maps.new_zeros(self.padded)
+        for amap, (t, l) in zip(maps, self.boxes):
+            total[t : t + h, l : l + w] += amap
+            count[t : t + h, l : l + w] += 1
+        top, _, left, _ = self.pads
+        return (total / count)[top : top + self.scaled[0], left : left + self.scaled[1]]
+
+
+class _Windows:
+    """The windows of a sequence of images, in order, cut when read.
+
+    A sequence (``len`` and iteration) that :class:`PatchGaussianDetector` can read
+    as often as it needs, holding one image at a time instead of every window.
+    """
+
+    def __init__(self, X, layouts):
+        self.X = X
+        self.layouts = layouts
+        self._len = sum(len(layout.boxes) for layout in layouts)
+
+    def __len__(self):
+        return self._len
+
+    def __iter__(self):
+        layouts = iter(self.layouts)
+        for batch in iter_image_batches(self.X, 1):
+            yield from next(layouts).cut(batch[0])
+
+
+class TiledDetector(OutlierMixin, BaseEstimator):
+    """A patch Gaussian detector for images of mixed sizes, at one pixel scale.
+
+    Every image is resized by the same factor, chosen at :meth:`fit` so that the
+    training images' median shorter side gets ``short_side`` pixels; images
+    smaller than the window are padded by mirroring their edges, larger ones are
+    covered by evenly spaced, overlapping windows. ``detector`` is fitted on the
+    windows of the training images, with its extractor set to the window's size
+    so that nothing is resized twice. An image's map averages its windows' maps
+    where they overlap; its score is read from that map.
+
+    Where :class:`PatchGaussianDetector` magnifies each image to fill one frame,
+    a defect here keeps the same size in pixels whatever the size of its image.
+    When the training images all have one size, the window is (up to the
+    rounding of its sides to multiples of 32) that size, and the two detectors
+    see the same pixels.
+
+    Parameters
+    ----------
+    detector : PatchGaussianDetector or None, default=None
+        The detector fitted on the windows; ``None`` uses
+        ``PatchGaussianDetector()``. It is cloned at fit. Its
+        ``feature_extractor`` (``None``: the default
+        :class:`~skpadim.TorchvisionExtractor`) gets ``image_size=window_`` when it
+        has that parameter. ``image_score`` and ``contamination`` are read from
+        it: a fractional ``image_score`` ``f`` averages the highest
+        ``f * window area`` values of each image's map, so that a defect weighs
+        the same in a small image as in a large one. Its ``trim`` must be 0.
+    short_side : int, default=224
+        Pixels that the training images' median shorter side is resized to; it
+        sets the one resize factor ``scale_`` of all images.
+    window : "auto" or tuple of int, default="auto"
+        ``(H, W)`` of the windows. ``"auto"``: ``short_side`` pixels across the
+        shorter side and the training images' median proportions along the
+        longer one (see :func:`~skpadim.feature_extraction.auto_image_size`).
+
+    Attributes
+    ----------
+    detector_ : PatchGaussianDetector
+        The detector fitted on the training images' windows.
+    scale_ : float
+        The resize factor of every image.
+    window_ : tuple of int
+        ``(H, W)`` of the windows.
+    n_windows_ : int
+        Number of training windows the detector was fitted on.
+    offset_ : float
+        Threshold on :meth:`score_samples`: its ``contamination`` quantile over
+        the training images, each window's distances taken as if that window had
+        been left out of the fit (as :class:`PatchGaussianDetector` does).
+
+    See Also
+    --------
+    PatchGaussianDetector : One frame for all images, each resized onto it.
+
+    Notes
+    -----
+    Fitting reads the training images three times (the statistics, the
+    detector's own threshold, the threshold on whole images). Save a fitted
+    ``TiledDetector`` with joblib; :func:`skpadim.save` takes only
+    :class:`PatchGaussianDetector`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpadim import PatchGaussianDetector, TiledDetector, TorchvisionExtractor
+    >>> rng = np.random.RandomState(0)
+    >>> X = [rng.randint(0, 255, (48, w, 3), dtype=np.uint8) for w in (40, 64, 96, 120)]
+    >>> det = TiledDetector(PatchGaussianDetector(
+    ...     TorchvisionExtractor("resnet18", weights=None), n_features=10, random_state=0),
+    ...     short_side=32, window=(32, 32)).fit(X)
+    >>> [m.shape for m in det.anomaly_maps(X[:2])]
+    [(48, 40), (48, 64)]
+    """
+
+    _parameter_constraints = {
+        "detector": [PatchGaussianDetector, None],
+        "short_side": [Interval(numbers.Integral, 16, None, closed="left")],
+        "window": [StrOptions({"auto"}), tuple, list],
+    }
+
+    def __init__(self, detector=None, *, short_side=224, window="auto"):
+        self.detector = detector
+        self.short_side = short_side
+        self.window = window
+
+    def fit(self, X, y=None):
+        """Fit the detector on the windows of images of normal parts.
+
+        Parameters
+        ----------
+        X : array-like, tensor or list of paths/arrays
+            Training images of normal parts, in any format
+            :class:`PatchGaussianDetector` accepts (sizes may differ); read three
+            times, so a sequence, not a one-shot iterator.
+        y : array-like of shape (n_images,), masks, or None, default=None
+            Optional labels, as for :meth:`PatchGaussianDetector.fit`: only the
+            images labelled normal are fitted on.
+
+        Returns
+        -------
+        self : TiledDetector
+            The fitted detector.
+        """
+        self._validate_params()
+        n_images = count_images(X)
+        if n_images is None:
+            raise TypeError(
+                "fit reads the training images three times; pass a list, array or tensor "
+                "rather than a one-shot iterator."
+            )
+        if y is not None:
+            X, n_images = _normal_only(X, y, n_images)
+        if n_images < 2:
+            raise ValueError(
+                f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
+            )
+        detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
+        if detector.trim:
+            raise ValueError(
+                f"TiledDetector does not support trim (got detector.trim={detector.trim}): "
+                "it would leave out windows, not images. Set the detector's trim to 0."
+            )
+        if isinstance(self.window, str):
+            window = auto_image_size(X, short_side=self.short_side)
+        else:
+            window = TorchvisionExtractor._pair(self.window, "window")
+        shapes = image_shapes(X)
+        scale = self.short_side / float(np.median([min(shape) for shape in shapes]))
+        extractor = detector.feature_extractor
+        if extractor is None:
+            extractor = TorchvisionExtractor()
+        if "image_size" in extractor.get_params(deep=False):
+            extractor = clone(extractor).set_params(image_size=window)
+        detector.set_params(feature_extractor=extractor)
+        layouts = [_Layout(shape, scale, window) for shape in shapes]
+        windows = _Windows(X, layouts)
+        detector.fit(windows)
+
+        fitted = clone(self)  # assembled aside: a failing fit leaves self as it was
+        fitted.detector_, fitted.scale_, fitted.window_ = detector, scale, tuple(window)
+        fitted.n_windows_ = len(windows)
+        # Leave-one-out distances for the threshold, as the detector sets its own.
+        in_fit = np.ones((len(windows), 1), dtype=bool)
+        maps = fitted._stitched_maps(windows, layouts, in_fit)
+        scores = np.array([-fitted._image_score(amap) for amap in maps])
+        fitted.offset_ = float(np.percentile(scores, 100.0 * detector.contamination))
+        self.__dict__.update(
+            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
+        )
+        return self
+
+    # -- maps and scores -----------------------------------------------------
+    def _stitched_maps(self, windows, layouts, in_fit=None):
+        """Yield each image's map on its resized pixels, from its windows' maps in order."""
+        pending = []
+        layouts = iter(layouts)
+        layout = next(layouts, None)
+        for maps, emb in self.detector_._iter_maps(windows, in_fit):
+            if tuple(maps.shape[1:]) != self.window_:
+                # An extractor that resizes or crops the windows: maps back onto them.
+                maps = torch.stack([_to_image_resolution(m, self.window_, emb.resize_shape, emb.crop_box)
+                                    for m in maps])  # fmt: skip
+            pending.extend(maps.cpu())
+            while layout is not None and len(pending) >= len(layout.boxes):
+                n = len(layout.boxes)
+                yield layout.stitch(torch.stack(pending[:n]))
+                del pending[:n]
+                layout = next(layouts, None)
+
+    def _iter_image_maps(self, X):
+        """Yield (map on the resized pixels, original shape) of every image of X."""
+        check_is_fitted(self, "offset_")
+        n_seen = 0
+        for batch in iter_image_batches(X, self.detector_.batch_size):
+            layouts = [_Layout(image.shape[1:], self.scale_, self.window_) for image in batch]
+            windows = ValidatedImages(w for layout, image in zip(layouts, batch)
+                                      for w in layout.cut(image))  # fmt: skip
+            for amap, layout in zip(self._stitched_maps(windows, layouts), layouts):
+                yield amap, layout.shape
+            n_seen += len(batch)
+        if n_seen == 0:
+            raise ValueError("X: got 0 images; at least one is required.")
+
+    def _image_score(self, amap):
+        """Anomaly score of one stitched map (see ``detector.image_score``)."""
+        image_score = self.detector_.image_score
+        flat = amap.flatten()
+        if image_score == "max":
+            return float(flat.max())
+        k = max(1, int(round(float(image_score) * self.window_[0] * self.window_[1])))
+        return float(flat.topk(min(k, flat.numel())).values.mean())
+
+    def anomaly_maps(self, X):
+        """Pixel-level anomaly maps at each input image's resolution.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images
+            Images in any format accepted by :meth:`PatchGaussianDetector.fit`;
+            any size.
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W) or list of ndarray
+            Higher = more anomalous. An array when all images have the same
+            size, else a list of 2-D arrays.
+        """
+        out = [
+            F.interpolate(amap[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
+            .numpy()
+            if tuple(amap.shape) != shape else amap.numpy()
+            for amap, shape in self._iter_image_maps(X)
+        ]  # fmt: skip
+        return np.stack(out) if len({m.shape for m in out}) == 1 else out
+
+    def score_samples(self, X):
+        """Opposite of the anomaly score: higher means more normal.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images
+            Images in any format accepted by :meth:`PatchGaussianDetector.fit`.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_images,)
+            Minus each image's anomaly score, read from its map on the resized
+            pixels as the detector's ``image_score`` says.
+        """
+        return np.array([-self._image_score(amap) for amap, _ in self._iter_image_maps(X)])
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for anomalies.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images
+            Images in any format accepted by :meth:`PatchGaussianDetector.fit`.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_images,)
+            Negative for images scored as anomalous.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label images: +1 normal, -1 anomalous.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images
+            Images in any format accepted by :meth:`PatchGaussianDetector.fit`.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+            +1 for normal, -1 for anomalous.
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = False
+        return tags
