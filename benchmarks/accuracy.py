@@ -81,6 +81,9 @@ CONFIGS = {
     # The paper's recipe with ImageNet's mean and std instead of the Lite
     # weights' own (0.5, 0.5): what a pipeline written for ResNets would feed.
     "paper-imagenet-norm": {**PAPER, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    # The defaults inside TiledDetector: every image at one pixel scale (the
+    # median shorter side at 224 px), windows of the defaults' frame.
+    "tiled": {"tiled": True},
 }
 EXTRACTOR_KEYS = ("backbone", "layers", "image_size", "mean", "std")
 DEFAULT_CONFIGS = ("paper", "defaults")
@@ -115,12 +118,12 @@ def split_halves(frame, seed=SPLIT_SEED):
 
 def build(cfg):
     """The detector of a configuration (its changes applied to the defaults)."""
-    from skpadim import PatchGaussianDetector, TorchvisionExtractor
+    from skpadim import PatchGaussianDetector, TiledDetector, TorchvisionExtractor
 
     change = CONFIGS[cfg["config"]]
     det = PatchGaussianDetector(random_state=cfg["seed"], trim=cfg["trim"],
                                 trim_by=cfg.get("trim_by") or "image")
-    det.set_params(**{k: v for k, v in change.items() if k not in EXTRACTOR_KEYS})
+    det.set_params(**{k: v for k, v in change.items() if k not in EXTRACTOR_KEYS + ("tiled",)})
     ext = {k: change[k] for k in ("backbone", "layers", "mean", "std") if k in change}
     size = change.get("image_size")
     if isinstance(size, int):
@@ -137,7 +140,8 @@ def build(cfg):
         short = 224 / np.sqrt(elong)
         sides = (max(32, int(round(short / 32)) * 32), max(32, int(round(short * elong / 32)) * 32))
         ext["image_size"] = sides[::-1] if ratio > 1 else sides
-    return det.set_params(feature_extractor=TorchvisionExtractor(**ext))
+    det.set_params(feature_extractor=TorchvisionExtractor(**ext))
+    return TiledDetector(det) if change.get("tiled") else det
 
 
 def cut_strips(frame, height, seed):
@@ -192,6 +196,7 @@ def worker(cfg):
 
     common.set_threads(cfg["threads"])
     from skpadim.detector import _to_image_resolution, _image_scores_from_maps
+    from skpadim.tiling import _resized
 
     det = build(cfg)
     with common.Timer() as t_fit:
@@ -199,8 +204,12 @@ def worker(cfg):
     # One pass for maps and image scores: what anomaly_maps and score_samples
     # each compute, from the same maps on the preprocessed frame.
     maps, scores = [], []
+    tiled = hasattr(det, "detector")
     with common.Timer() as t_maps:
-        for frame_maps, emb in det._iter_maps(cfg["test_paths"]):
+        for amap, shape in det._iter_image_maps(cfg["test_paths"]) if tiled else ():
+            scores.append([det._image_score(amap)])
+            maps.append(_resized(amap, shape).numpy())
+        for frame_maps, emb in () if tiled else det._iter_maps(cfg["test_paths"]):
             scores.append(_image_scores_from_maps(frame_maps, det.image_score).cpu().numpy())
             maps += [_to_image_resolution(m, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
                      for m, shape in zip(frame_maps, emb.image_shapes)]  # fmt: skip
@@ -209,6 +218,7 @@ def worker(cfg):
     np.testing.assert_allclose(-det.score_samples(head), scores[:4], rtol=1e-6)
     for ours, public in zip(maps, det.anomaly_maps(head)):
         np.testing.assert_allclose(ours, public, rtol=1e-6, atol=1e-6)
+    inner = det.detector_ if tiled else det
     masks = load_masks(cfg["mask_paths"], shapes=[m.shape for m in maps])
     y = np.asarray(cfg["labels"])
     val = np.asarray(cfg["val"])
@@ -219,13 +229,15 @@ def worker(cfg):
               "contamination": cfg["contamination"], "trim": cfg["trim"],
               "trim_by": (cfg.get("trim_by") or "image") if cfg["trim"] else "",
               "test_set": cfg.get("test_reduced_for", 0.0),
-              "params": {k: repr(v) for k, v in det.get_params().items()
+              "params": {k: repr(v) for k, v in inner.get_params().items()
                          if not k.startswith("feature_extractor__") or k.endswith(
                              ("backbone", "image_size", "layers"))},
-              "resize_shape": list(det.feature_extractor_.resize_shape_),
-              "trimmed": len(det.trimmed_indices_),
+              "resize_shape": list(inner.feature_extractor_.resize_shape_),
+              "trimmed": len(inner.trimmed_indices_),
               # The defective images added to the training set come last.
-              "trimmed_defective": int(np.sum(det.trimmed_indices_ >= cfg["n_clean_train"]))}  # fmt: skip
+              "trimmed_defective": int(np.sum(inner.trimmed_indices_ >= cfg["n_clean_train"]))}  # fmt: skip
+    if tiled:
+        result.update(scale=det.scale_, n_windows=det.n_windows_)
     # predict() at the threshold fit set from contamination (0.01): the good
     # test images it rejects and the defective ones it catches, in %.
     flagged = -scores < det.offset_
@@ -234,7 +246,7 @@ def worker(cfg):
     if cfg.get("in_sample"):
         # The same quantile of the training images' in-sample scores, as a
         # threshold would be without leaving each image out.
-        in_sample = np.percentile(det.score_samples(cfg["train_paths"]), 100 * det.contamination)
+        in_sample = np.percentile(det.score_samples(cfg["train_paths"]), 100 * inner.contamination)
         result["false_alarm_in_sample_pct"] = 100 * float(np.mean(-scores[y == 0] < in_sample))
     for suffix, sel in (("_val", val), ("_final", ~val), ("", np.ones_like(val))):
         img, px, pro = _metrics(y, scores, masks, maps, sel)

@@ -533,6 +533,29 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         self : PatchGaussianDetector
             The fitted detector.
         """
+        fitted, X, in_fit = self._fit_gaussians(X, y)
+        # The threshold is set on leave-one-out scores: in-sample ones are too
+        # optimistic (see _leave_one_out_distances). Images and patches left out
+        # by trim are scored as they are.
+        train_scores = fitted._score_samples(X, in_fit)
+        fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        self._adopt(fitted)
+        return self
+
+    def _adopt(self, fitted):
+        """Take the fitted attributes of ``fitted``, a fitted clone of self."""
+        self.__dict__.update(
+            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
+        )
+
+    def _fit_gaussians(self, X, y=None):
+        """All of :meth:`fit` but the threshold pass.
+
+        Returns ``(fitted, X, in_fit)``: a fitted clone of self whose ``offset_`` is
+        still 0, the normal training images, and the ``in_fit`` flags of their
+        patches (see :meth:`_iter_distances`) for leave-one-out scores. Self is
+        left unchanged.
+        """
         self._validate_params()
         resolve_device(self.device)  # a bad or absent device fails before any image is read
         n_images = count_images(X)
@@ -572,8 +595,9 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         else:
             gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
 
-        # The new state is assembled on a copy and only then written onto self,
-        # so that a fit failing part way leaves a previously fitted detector intact.
+        # The new state is assembled on a copy and only then written onto self
+        # (by fit), so that a fit failing part way leaves a previously fitted
+        # detector intact.
         fitted = clone(self)
         fitted.feature_extractor_ = extractor
         fitted.fitted_on_embeddings_ = on_embeddings
@@ -614,20 +638,12 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
             np.put_along_axis(keep, worst, False, axis=0)
             gaussian = self._fit_gaussian(X, extractor, channels, keep=keep)[0]
         fitted.gaussian_ = gaussian
-        # The threshold is set on leave-one-out scores: in-sample ones are too
-        # optimistic (see _leave_one_out_distances). Images and patches left out
-        # by trim are scored as they are.
         if trimming and self.trim_by == "patch":
             in_fit = keep
         else:
             in_fit = np.ones((n_images, 1), dtype=bool)
             in_fit[fitted.trimmed_indices_] = False
-        train_scores = fitted._score_samples(X, in_fit)
-        fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
-        self.__dict__.update(
-            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
-        )
-        return self
+        return fitted, X, in_fit
 
     def _fit_gaussian(self, X, extractor, channels=None, keep=None):
         """One streaming pass: the per-position Gaussian of X's (pooled) embeddings;

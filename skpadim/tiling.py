@@ -21,7 +21,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._images import ValidatedImages, count_images, image_shapes, iter_image_batches
-from .detector import PatchGaussianDetector, _normal_only, _to_image_resolution
+from .detector import PatchGaussianDetector, _image_scores_from_maps, _normal_only, _to_image_resolution
 from .feature_extraction import TorchvisionExtractor, auto_image_size
 
 __all__ = ["TiledDetector"]
@@ -88,6 +88,13 @@ class _Layout:
             count[t : t + h, l : l + w] += 1
         top, _, left, _ = self.pads
         return (total / count)[top : top + self.scaled[0], left : left + self.scaled[1]]
+
+
+def _resized(amap, shape):
+    """A map on an image's resized pixels, back at the image's own ``shape``."""
+    if tuple(amap.shape) == tuple(shape):
+        return amap
+    return F.interpolate(amap[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
 
 
 class _Windows:
@@ -168,8 +175,8 @@ class TiledDetector(OutlierMixin, BaseEstimator):
 
     Notes
     -----
-    Fitting reads the training images three times (the statistics, the
-    detector's own threshold, the threshold on whole images). Save a fitted
+    Fitting reads the training images twice (the statistics, then the
+    thresholds: the detector's on windows and this one's on images). Save a fitted
     ``TiledDetector`` with joblib; :func:`skpadim.save` takes only
     :class:`PatchGaussianDetector`.
 
@@ -204,8 +211,8 @@ class TiledDetector(OutlierMixin, BaseEstimator):
         ----------
         X : array-like, tensor or list of paths/arrays
             Training images of normal parts, in any format
-            :class:`PatchGaussianDetector` accepts (sizes may differ); read three
-            times, so a sequence, not a one-shot iterator.
+            :class:`PatchGaussianDetector` accepts (sizes may differ); read
+            twice, so a sequence, not a one-shot iterator.
         y : array-like of shape (n_images,), masks, or None, default=None
             Optional labels, as for :meth:`PatchGaussianDetector.fit`: only the
             images labelled normal are fitted on.
@@ -219,7 +226,7 @@ class TiledDetector(OutlierMixin, BaseEstimator):
         n_images = count_images(X)
         if n_images is None:
             raise TypeError(
-                "fit reads the training images three times; pass a list, array or tensor "
+                "fit reads the training images twice; pass a list, array or tensor "
                 "rather than a one-shot iterator."
             )
         if y is not None:
@@ -248,15 +255,17 @@ class TiledDetector(OutlierMixin, BaseEstimator):
         detector.set_params(feature_extractor=extractor)
         layouts = [_Layout(shape, scale, window) for shape in shapes]
         windows = _Windows(X, layouts)
-        detector.fit(windows)
+        detector, windows, in_fit = detector._fit_gaussians(windows)
 
         fitted = clone(self)  # assembled aside: a failing fit leaves self as it was
         fitted.detector_, fitted.scale_, fitted.window_ = detector, scale, tuple(window)
         fitted.n_windows_ = len(windows)
-        # Leave-one-out distances for the threshold, as the detector sets its own.
-        in_fit = np.ones((len(windows), 1), dtype=bool)
-        maps = fitted._stitched_maps(windows, layouts, in_fit)
-        scores = np.array([-fitted._image_score(amap) for amap in maps])
+        # One pass of leave-one-out scores sets both thresholds: the detector's
+        # on windows (as its own fit would) and this one's on whole images.
+        window_scores = []
+        scores = [-fitted._image_score(amap)
+                  for amap in fitted._stitched_maps(windows, layouts, in_fit, window_scores)]  # fmt: skip
+        detector.offset_ = float(np.percentile(np.concatenate(window_scores), 100.0 * detector.contamination))
         fitted.offset_ = float(np.percentile(scores, 100.0 * detector.contamination))
         self.__dict__.update(
             {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
@@ -264,12 +273,18 @@ class TiledDetector(OutlierMixin, BaseEstimator):
         return self
 
     # -- maps and scores -----------------------------------------------------
-    def _stitched_maps(self, windows, layouts, in_fit=None):
-        """Yield each image's map on its resized pixels, from its windows' maps in order."""
+    def _stitched_maps(self, windows, layouts, in_fit=None, window_scores=None):
+        """Yield each image's map on its resized pixels, from its windows' maps in order.
+
+        ``in_fit`` as for the detector's leave-one-out scores; ``window_scores``,
+        a list, receives the detector's ``score_samples`` of the windows, batch by batch.
+        """
         pending = []
         layouts = iter(layouts)
         layout = next(layouts, None)
         for maps, emb in self.detector_._iter_maps(windows, in_fit):
+            if window_scores is not None:
+                window_scores.append(-_image_scores_from_maps(maps, self.detector_.image_score).cpu().numpy())
             if tuple(maps.shape[1:]) != self.window_:
                 # An extractor that resizes or crops the windows: maps back onto them.
                 maps = torch.stack([_to_image_resolution(m, self.window_, emb.resize_shape, emb.crop_box)
@@ -319,13 +334,25 @@ class TiledDetector(OutlierMixin, BaseEstimator):
             Higher = more anomalous. An array when all images have the same
             size, else a list of 2-D arrays.
         """
-        out = [
-            F.interpolate(amap[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
-            .numpy()
-            if tuple(amap.shape) != shape else amap.numpy()
-            for amap, shape in self._iter_image_maps(X)
-        ]  # fmt: skip
+        out = list(self.iter_anomaly_maps(X))
         return np.stack(out) if len({m.shape for m in out}) == 1 else out
+
+    def iter_anomaly_maps(self, X):
+        """Yield the anomaly map of each image in turn, batch by batch.
+
+        Parameters
+        ----------
+        X : array-like, tensor, list or iterator of images
+            Images in any format accepted by :meth:`PatchGaussianDetector.fit`.
+
+        Returns
+        -------
+        maps : iterator of ndarray of shape (H, W)
+            The map of each image in turn, at its own resolution.
+        """
+        # Checked now, not at the first next(): a generator runs nothing until then.
+        check_is_fitted(self, "offset_")
+        return (_resized(amap, shape).numpy() for amap, shape in self._iter_image_maps(X))
 
     def score_samples(self, X):
         """Opposite of the anomaly score: higher means more normal.

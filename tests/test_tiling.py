@@ -81,6 +81,7 @@ def test_equals_the_plain_detector_on_images_of_the_window_size(tiny_extractor, 
     np.testing.assert_allclose(tiled.anomaly_maps(test_images), plain.anomaly_maps(test_images),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     assert tiled.offset_ == pytest.approx(plain.offset_, rel=1e-6)
+    assert tiled.detector_.offset_ == pytest.approx(plain.offset_, rel=1e-6)
     np.testing.assert_array_equal(tiled.predict(test_images), plain.predict(test_images))
 
 
@@ -90,6 +91,8 @@ def test_mixed_sizes_in_one_call(tiny_extractor):
     # Widths 20 and 32 give one window, 48 and 80 two and three.
     assert det.n_windows_ == 6 * (1 + 1 + 2 + 3)
     maps = det.anomaly_maps(X[:4])
+    for ours, streamed in zip(maps, det.iter_anomaly_maps(iter(X[:4]))):
+        np.testing.assert_array_equal(ours, streamed)
     assert isinstance(maps, list) and [m.shape for m in maps] == [x.shape[:2] for x in X[:4]]
     scores = det.score_samples(X[:4])
     assert scores.shape == (4,) and np.isfinite(scores).all()
@@ -160,6 +163,8 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         _tiled(tiny_extractor).fit(iter(normal_images))
     with pytest.raises(NotFittedError):
         _tiled(tiny_extractor).score_samples(normal_images)
+    with pytest.raises(NotFittedError):
+        _tiled(tiny_extractor).iter_anomaly_maps(normal_images)  # before any next()
     det = _tiled(tiny_extractor).fit(normal_images)
     with pytest.raises(ValueError, match="got 0 images"):
         det.score_samples([])
