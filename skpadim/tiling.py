@@ -297,16 +297,24 @@ class TiledDetector(OutlierMixin, BaseEstimator):
                 layout = next(layouts, None)
 
     def _iter_image_maps(self, X):
-        """Yield (map on the resized pixels, original shape) of every image of X."""
+        """Yield (map on the resized pixels, original shape) of every image of X.
+
+        Images are cut one at a time and their windows scored together once they
+        fill a batch of the detector's, so that memory follows the number of
+        windows, not of images (one large image can hold many).
+        """
         check_is_fitted(self, "offset_")
-        n_seen = 0
-        for batch in iter_image_batches(X, self.detector_.batch_size):
-            layouts = [_Layout(image.shape[1:], self.scale_, self.window_) for image in batch]
-            windows = ValidatedImages(w for layout, image in zip(layouts, batch)
-                                      for w in layout.cut(image))  # fmt: skip
-            for amap, layout in zip(self._stitched_maps(windows, layouts), layouts):
-                yield amap, layout.shape
-            n_seen += len(batch)
+        per_batch = self.detector_._images_per_batch(self.window_)
+        layouts, windows, n_seen = [], ValidatedImages(), 0
+        for (image,) in iter_image_batches(X, 1):
+            layouts.append(_Layout(image.shape[1:], self.scale_, self.window_))
+            windows.extend(layouts[-1].cut(image))
+            n_seen += 1
+            if len(windows) >= per_batch:
+                yield from zip(self._stitched_maps(windows, layouts), (lay.shape for lay in layouts))
+                layouts, windows = [], ValidatedImages()
+        if layouts:
+            yield from zip(self._stitched_maps(windows, layouts), (lay.shape for lay in layouts))
         if n_seen == 0:
             raise ValueError("X: got 0 images; at least one is required.")
 

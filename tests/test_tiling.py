@@ -172,6 +172,27 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         det.score_samples([normal_images[0], np.full((32, 32, 3), np.nan)])
 
 
+def test_errors_name_the_image_not_the_window(tiny_extractor):
+    X = _mixed_sizes(8)
+    X[3] = np.full(X[3].shape, np.nan)  # after 4 windows of the first three images
+    with pytest.raises(ValueError, match=r"X\[3\]"):
+        _tiled(tiny_extractor).fit(X)
+    det = _tiled(tiny_extractor).fit(_mixed_sizes(8, seed=2))
+    with pytest.raises(ValueError, match=r"X\[3\]"):
+        det.score_samples(X)
+
+
+def test_many_windows_of_one_image_are_scored_in_batches(tiny_extractor):
+    X = _mixed_sizes(8)
+    det = _tiled(tiny_extractor).fit(X)
+    big = textured_images(1, size=200, seed=3)[0]  # 7 x 7 windows
+    det.detector_.batch_size = 100  # both images' windows in one batch
+    reference = det.anomaly_maps([big, X[0]])
+    det.detector_.batch_size = 4  # the big image's windows split over 13 batches
+    for ours, ref in zip(det.anomaly_maps([big, X[0]]), reference):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_a_failing_fit_keeps_the_previous_one(tiny_extractor, normal_images, test_images):
     det = _tiled(tiny_extractor).fit(normal_images)
     before = det.score_samples(test_images)
