@@ -90,6 +90,16 @@ class _Layout:
         return (total / count)[top : top + self.scaled[0], left : left + self.scaled[1]]
 
 
+def _check_window(window):
+    """``window`` as a pair of ints >= 16, or a ValueError naming it."""
+    window = tuple(window)
+    if len(window) != 2 or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 16 for v in window
+    ):
+        raise ValueError(f"window must be \"auto\" or a pair (H, W) of ints >= 16; got {window!r}.")
+    return tuple(int(v) for v in window)
+
+
 def _resized(amap, shape):
     """A map on an image's resized pixels, back at the image's own ``shape``."""
     if tuple(amap.shape) == tuple(shape):
@@ -148,7 +158,9 @@ class TiledDetector(OutlierMixin, BaseEstimator):
         the same in a small image as in a large one. Its ``trim`` must be 0.
     short_side : int, default=224
         Pixels that the training images' median shorter side is resized to; it
-        sets the one resize factor ``scale_`` of all images.
+        sets the one resize factor ``scale_`` of all images. With
+        ``window="auto"`` it is rounded to a multiple of 32, the window's
+        shorter side.
     window : "auto" or tuple of int, default="auto"
         ``(H, W)`` of the windows. ``"auto"``: ``short_side`` pixels across the
         shorter side and the training images' median proportions along the
@@ -167,7 +179,10 @@ class TiledDetector(OutlierMixin, BaseEstimator):
     offset_ : float
         Threshold on :meth:`score_samples`: its ``contamination`` quantile over
         the training images, each window's distances taken as if that window had
-        been left out of the fit (as :class:`PatchGaussianDetector` does).
+        been left out of the fit (as :class:`PatchGaussianDetector` does). The
+        other windows of the same image stay in, and where they overlap it they
+        make the threshold a little optimistic; a threshold set on held-out good
+        images avoids it.
 
     See Also
     --------
@@ -176,7 +191,9 @@ class TiledDetector(OutlierMixin, BaseEstimator):
     Notes
     -----
     Fitting reads the training images twice (the statistics, then the
-    thresholds: the detector's on windows and this one's on images). Save a fitted
+    thresholds: the detector's on windows and this one's on images). Scoring
+    holds one image's windows at a time, so memory follows the largest image
+    at ``scale_``, not the number of images. Save a fitted
     ``TiledDetector`` with joblib; :func:`skpadim.save` takes only
     :class:`PatchGaussianDetector`.
 
@@ -236,21 +253,35 @@ class TiledDetector(OutlierMixin, BaseEstimator):
                 f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
             )
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
+        detector._validate_params()  # its own errors first, named as its own
         if detector.trim:
             raise ValueError(
                 f"TiledDetector does not support trim (got detector.trim={detector.trim}): "
                 "it would leave out windows, not images. Set the detector's trim to 0."
             )
+        shapes = image_shapes(X)
+        median_short = float(np.median([min(shape) for shape in shapes]))
+        if median_short < 1:
+            raise ValueError("X: most training images have no pixels (a side of length 0).")
         if isinstance(self.window, str):
             window = auto_image_size(X, short_side=self.short_side)
+            # The window's shorter side is short_side rounded to a multiple of
+            # 32: the median image is resized to it exactly, not padded or cut.
+            scale = min(window) / median_short
         else:
-            window = TorchvisionExtractor._pair(self.window, "window")
-        shapes = image_shapes(X)
-        scale = self.short_side / float(np.median([min(shape) for shape in shapes]))
+            window = _check_window(self.window)
+            scale = self.short_side / median_short
         extractor = detector.feature_extractor
         if extractor is None:
             extractor = TorchvisionExtractor()
-        if "image_size" in extractor.get_params(deep=False):
+        params = extractor.get_params(deep=False)
+        crop = params.get("crop_size")
+        if crop is not None and np.any(np.broadcast_to(crop, 2) > np.asarray(window)):
+            raise ValueError(
+                f"The extractor's crop_size {crop} is larger than the window {window}; "
+                "choose a larger window or a smaller crop."
+            )
+        if "image_size" in params:
             extractor = clone(extractor).set_params(image_size=window)
         detector.set_params(feature_extractor=extractor)
         layouts = [_Layout(shape, scale, window) for shape in shapes]
@@ -377,6 +408,24 @@ class TiledDetector(OutlierMixin, BaseEstimator):
             pixels as the detector's ``image_score`` says.
         """
         return np.array([-self._image_score(amap) for amap, _ in self._iter_image_maps(X)])
+
+    def fit_predict(self, X, y=None):
+        """Fit on X, then label X (+1 normal, -1 anomalous).
+
+        Parameters
+        ----------
+        X : array-like, tensor or list of images
+            Training images.
+        y : array-like of shape (n_images,), masks, or None, default=None
+            Optional labels, as in :meth:`fit`: the images labelled anomalous
+            are left out of the fit, and labelled like the others.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+            +1 for normal, -1 for anomalous.
+        """
+        return self.fit(X, y).predict(X)
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for anomalies.

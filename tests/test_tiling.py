@@ -115,14 +115,23 @@ def test_a_defect_in_a_wide_image_is_found_where_it_is(tiny_extractor):
         assert 6 <= row < 22 and 51 <= col < 67
 
 
-def test_one_defect_size_in_pixels_whatever_the_image_size(tiny_extractor):
-    # Resized onto one frame, a narrow image is magnified more; here every image
-    # keeps the one scale, so the map of a narrow image is not a stretched map.
-    X = _mixed_sizes(24)
-    det = _tiled(tiny_extractor, short_side=16).fit(X)
-    assert det.scale_ == 0.5
-    layout = _Layout((32, 80), det.scale_, det.window_)
-    assert layout.scaled == (16, 40)
+def test_scale_is_set_by_the_median_shorter_side(tiny_extractor):
+    X = _mixed_sizes(24)  # 32 px high, 20 to 80 wide: shorter sides 20, 32, 32, 32
+    det = _tiled(tiny_extractor, short_side=16, window=(16, 16)).fit(X)
+    assert det.scale_ == 0.5 and det.window_ == (16, 16)
+    # window="auto": short_side rounded to a multiple of 32 sets the scale, so
+    # the median image fills the window's shorter side exactly.
+    det = _tiled(tiny_extractor, short_side=40, window="auto").fit(X)
+    assert min(det.window_) == 32 and det.scale_ == 1.0
+
+
+def test_fit_predict_leaves_labelled_defects_out(tiny_extractor, normal_images, test_images):
+    X = np.concatenate([normal_images, test_images[4:]])
+    y = np.r_[np.zeros(len(normal_images)), np.ones(4)]
+    det = _tiled(tiny_extractor)
+    labels = det.fit_predict(X, y)
+    assert det.n_windows_ == len(normal_images)
+    np.testing.assert_array_equal(labels, det.predict(X))
 
 
 def test_labels_leave_defective_images_out(tiny_extractor, normal_images, test_images):
@@ -153,8 +162,15 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         TiledDetector(detector="padim").fit(normal_images)
     with pytest.raises(InvalidParameterError, match="short_side"):
         TiledDetector(short_side=8).fit(normal_images)
-    with pytest.raises(ValueError, match="window"):
-        _tiled(tiny_extractor, window=(32, 8)).fit(normal_images)
+    for window in [(32, 8), (40.5, 40), ("a", 32), (32, 32, 32)]:
+        with pytest.raises(ValueError, match="window must be"):
+            _tiled(tiny_extractor, window=window).fit(normal_images)
+    with pytest.raises(InvalidParameterError, match="feature_extractor"):
+        TiledDetector(PatchGaussianDetector("resnet18")).fit(normal_images)
+    with pytest.raises(InvalidParameterError, match="trim"):
+        _tiled(tiny_extractor).set_params(detector__trim=-0.1).fit(normal_images)
+    with pytest.raises(ValueError, match="crop_size"):
+        _tiled(clone(tiny_extractor).set_params(crop_size=48)).fit(normal_images)
     with pytest.raises(ValueError, match="trim"):
         _tiled(tiny_extractor).set_params(detector__trim=0.1).fit(normal_images)
     with pytest.raises(ValueError, match="at least 2 training images to estimate a distribution; got 1"):
@@ -193,9 +209,28 @@ def test_many_windows_of_one_image_are_scored_in_batches(tiny_extractor):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+class _FailsOnRead(list):
+    """A list of images whose ``n``-th full read raises, as a file gone missing would."""
+
+    def __init__(self, images, n):
+        super().__init__(images)
+        self.reads, self.n = 0, n
+
+    def __iter__(self):
+        self.reads += 1
+        if self.reads == self.n:
+            raise OSError("image folder unmounted")
+        return super().__iter__()
+
+
 def test_a_failing_fit_keeps_the_previous_one(tiny_extractor, normal_images, test_images):
     det = _tiled(tiny_extractor).fit(normal_images)
-    before = det.score_samples(test_images)
-    with pytest.raises(ValueError):
-        det.fit([normal_images[0], np.full((32, 32, 3), np.nan)])
-    np.testing.assert_array_equal(det.score_samples(test_images), before)
+    before = det.score_samples(test_images), det.offset_, det.detector_
+    # Reads: the shapes, the statistics, then the thresholds, which fail here,
+    # after the new Gaussians were fitted.
+    failing = _FailsOnRead(textured_images(12, seed=5), n=3)
+    with pytest.raises(OSError, match="unmounted"):
+        det.fit(failing)
+    assert failing.reads == 3
+    np.testing.assert_array_equal(det.score_samples(test_images), before[0])
+    assert det.offset_ == before[1] and det.detector_ is before[2]
