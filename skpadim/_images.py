@@ -286,6 +286,22 @@ def count_images(X):
         return None
 
 
+# A batch_size counts images of this many pixels (224 x 224, the paper's
+# frame); larger frames go through in proportionally fewer images per batch, so
+# that the backbone's activations and the batch's embeddings take about the same
+# memory whatever the frame (an elongated 224 x 576 frame: 12 images instead of 32).
+_BATCH_FRAME_PIXELS = 224 * 224
+
+
+def images_per_batch(batch_size, frame):
+    """``batch_size``, scaled down for frames ``(H, W)`` larger than 224 x 224
+    (at least 1); ``frame`` None (unknown) leaves it unchanged."""
+    if frame is None:
+        return batch_size
+    pixels = max(1, int(frame[0]) * int(frame[1]))
+    return max(1, min(batch_size, batch_size * _BATCH_FRAME_PIXELS // pixels))
+
+
 def iter_image_batches(X, batch_size):
     """Yield lists of float tensors ``(3, H, W)`` in [0, 1], ``batch_size`` at a time.
 

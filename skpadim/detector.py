@@ -19,7 +19,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import resolve_device
-from ._images import ValidatedImages, count_images, iter_image_batches
+from ._images import ValidatedImages, count_images, images_per_batch, iter_image_batches
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings
 from .metrics import _normal_flags
@@ -29,11 +29,6 @@ __all__ = ["PatchGaussianDetector"]
 # Images whose height/width ratio lies this far outside the training images'
 # range would be distorted differently by the resize than the training images.
 _ASPECT_TOLERANCE = 0.1
-# batch_size counts images of this many pixels (224 x 224, the paper's frame);
-# larger frames go through in proportionally fewer images per batch, so that the
-# backbone's activations and the batch's embeddings take about the same memory
-# whatever the frame (an elongated 224 x 576 frame: 12 images instead of 32).
-_BATCH_FRAME_PIXELS = 224 * 224
 # n_features="auto" keeps at most this many channels: all of the default
 # EfficientNet-Lite0 extractor's 176, and a random subset of wider backbones,
 # whose per-position covariances would otherwise grow with the square.
@@ -450,10 +445,8 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
 
     def _images_per_batch(self, frame):
         """``batch_size``, scaled down for frames ``(H, W)`` larger than 224 x 224."""
-        if frame is None:  # a custom extractor that does not tell its frame
-            return self.batch_size
-        pixels = max(1, int(frame[0]) * int(frame[1]))
-        return max(1, min(self.batch_size, self.batch_size * _BATCH_FRAME_PIXELS // pixels))
+        # frame is None for a custom extractor that does not tell its frame.
+        return images_per_batch(self.batch_size, frame)
 
     def _check_aspect(self, emb, start):
         low, high = self.aspect_range_

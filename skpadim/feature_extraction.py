@@ -39,7 +39,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._device import check_device, resolve_device
-from ._images import count_images, image_shapes, iter_image_batches
+from ._images import count_images, image_shapes, images_per_batch, iter_image_batches
 
 __all__ = ["PatchEmbeddings", "TorchvisionExtractor", "auto_image_size"]
 
@@ -681,7 +681,9 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         Normalisation; ``None`` takes the backbone's (ImageNet statistics, or
         [-1, 1] scaling for EfficientNet-Lite).
     batch_size : int, default=32
-        Images per forward pass.
+        Images per forward pass, for frames up to 224 x 224 pixels; larger
+        frames go in proportionally fewer images per pass (at least one), so
+        that a pass takes about the same memory whatever the frame.
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
         Where the backbone runs.
     memory : str, joblib.Memory or None, default=None
@@ -988,7 +990,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         embed_cached = None if self.memory is None else self._cached_embedder()
         parts, shapes = [], []
-        for batch in iter_image_batches(X, self.batch_size):
+        frame = self.resize_shape_ if self.crop_box_ is None else self.crop_box_[2:]
+        for batch in iter_image_batches(X, images_per_batch(self.batch_size, frame)):
             shapes.extend(tuple(img.shape[1:]) for img in batch)
             if embed_cached is None:
                 parts.append(self.embed(batch).cpu().numpy())

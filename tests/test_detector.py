@@ -12,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
+import skpadim._images
 import skpadim.detector
 from skpadim import PatchCovariance, PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
 from skpadim.detector import _gaussian_blur, _upsample_and_blur
@@ -353,7 +354,7 @@ def test_large_frames_go_in_fewer_images_per_batch(monkeypatch, tiny_extractor, 
     reference = PatchGaussianDetector(tiny_extractor, **params).fit(normal_images)
     assert set(sizes) == {8}  # 32 x 32 frames: within the 224 x 224 budget
     # A budget of 16 x 16 pixels: the 32 x 32 frames count four times, 2 per batch.
-    monkeypatch.setattr(skpadim.detector, "_BATCH_FRAME_PIXELS", 16 * 16)
+    monkeypatch.setattr(skpadim._images, "_BATCH_FRAME_PIXELS", 16 * 16)
     sizes.clear()
     det = PatchGaussianDetector(tiny_extractor, **params).fit(normal_images)
     assert set(sizes) == {2} and sum(sizes) == 2 * len(normal_images)  # statistics, threshold
@@ -365,10 +366,30 @@ def test_large_frames_go_in_fewer_images_per_batch(monkeypatch, tiny_extractor, 
     PatchGaussianDetector(**params).fit(clone(tiny_extractor).fit_transform(normal_images))
     assert set(sizes) == {2}
     # At least one image per batch, however large the frame.
-    monkeypatch.setattr(skpadim.detector, "_BATCH_FRAME_PIXELS", 1)
+    monkeypatch.setattr(skpadim._images, "_BATCH_FRAME_PIXELS", 1)
     sizes.clear()
     det.score_samples(test_images)
     assert set(sizes) == {1}
+
+
+def test_extractor_alone_sends_large_frames_in_fewer_images(monkeypatch, tiny_extractor,
+                                                            normal_images):
+    ext = clone(tiny_extractor).set_params(batch_size=8).fit()
+    sizes = []
+    embed = type(ext).embed
+
+    def recording(self, images):
+        sizes.append(len(images))
+        return embed(self, images)
+
+    monkeypatch.setattr(type(ext), "embed", recording)
+    reference = ext.transform(normal_images)
+    assert set(sizes) == {8}
+    # A budget of 16 x 16 pixels: the 32 x 32 frames count four times, 2 per pass.
+    monkeypatch.setattr(skpadim._images, "_BATCH_FRAME_PIXELS", 16 * 16)
+    sizes.clear()
+    np.testing.assert_allclose(ext.transform(normal_images), reference, rtol=1e-5, atol=1e-6)
+    assert set(sizes) == {2} and sum(sizes) == len(normal_images)
 
 
 def test_very_elongated_images_of_mixed_sizes(tmp_path):
