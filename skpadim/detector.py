@@ -181,6 +181,24 @@ def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
     return amap[0, 0]
 
 
+def _normal_training_images(X, y):
+    """``(X, n_images)``: the images of X that y labels normal (all when y is
+    None), checked to be a sequence (fit reads them twice) of at least two."""
+    n_images = count_images(X)
+    if n_images is None:
+        raise TypeError(
+            "fit reads the training images twice (statistics, then the decision "
+            "threshold); pass a list, array or tensor rather than a one-shot iterator."
+        )
+    if y is not None:
+        X, n_images = _normal_only(X, y, n_images)
+    if n_images < 2:
+        raise ValueError(
+            f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
+        )
+    return X, n_images
+
+
 def _normal_only(X, y, n_images):
     """The images of X labelled normal (0, or an empty mask) by y, and their number."""
     normal = _normal_flags(y)
@@ -242,7 +260,67 @@ def _take_images(X, keep):
     return X
 
 
-class PatchGaussianDetector(OutlierMixin, BaseEstimator):
+class _ImageOutlierDetector(OutlierMixin):
+    """What an outlier detector of images derives from its ``score_samples``
+    and ``offset_``: ``decision_function``, ``predict``, ``fit_predict`` that
+    passes labels to ``fit``, and tags that say X is not a 2-D array."""
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for anomalies.
+
+        Parameters
+        ----------
+        X : images (or, fitted on them, PatchEmbeddings)
+            Images in any format accepted by ``fit``.
+
+        Returns
+        -------
+        decision : ndarray of shape (n_images,)
+            Negative for images scored as anomalous.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label images: +1 normal, -1 anomalous.
+
+        Parameters
+        ----------
+        X : images (or, fitted on them, PatchEmbeddings)
+            Images in any format accepted by ``fit``.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+            +1 for normal, -1 for anomalous.
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def fit_predict(self, X, y=None):
+        """Fit on X, then label X (+1 normal, -1 anomalous).
+
+        Parameters
+        ----------
+        X : images (or PatchEmbeddings)
+            Training images, in any format accepted by ``fit``.
+        y : array-like of shape (n_images,), masks, or None, default=None
+            Optional labels, as in ``fit``: the images labelled anomalous
+            are left out of the fit, and labelled like the others.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_images,)
+            +1 for normal, -1 for anomalous.
+        """
+        return self.fit(X, y).predict(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = False
+        return tags
+
+
+class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
     """PaDiM anomaly detector: one Gaussian of patch embeddings per image position.
 
     Fit it on images of normal (defect-free) parts only. For a new image, every
@@ -551,18 +629,7 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         """
         self._validate_params()
         resolve_device(self.device)  # a bad or absent device fails before any image is read
-        n_images = count_images(X)
-        if n_images is None:
-            raise TypeError(
-                "fit reads the training images twice (statistics, then the decision "
-                "threshold); pass a list, array or tensor rather than a one-shot iterator."
-            )
-        if y is not None:
-            X, n_images = _normal_only(X, y, n_images)
-        if n_images < 2:
-            raise ValueError(
-                f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
-            )
+        X, n_images = _normal_training_images(X, y)
         if self.pooling % 2 == 0:
             raise ValueError(
                 f"pooling must be odd so that a neighbourhood is centred on its patch; got "
@@ -803,56 +870,3 @@ class PatchGaussianDetector(OutlierMixin, BaseEstimator):
         ]
         return np.concatenate(scores).astype(np.float64)
 
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for anomalies.
-
-        Parameters
-        ----------
-        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
-            Images in any format accepted by :meth:`fit`.
-
-        Returns
-        -------
-        decision : ndarray of shape (n_images,)
-            Negative for images scored as anomalous.
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """Label images: +1 normal, -1 anomalous.
-
-        Parameters
-        ----------
-        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
-            Images in any format accepted by :meth:`fit`.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_images,)
-            +1 for normal, -1 for anomalous.
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
-    def fit_predict(self, X, y=None):
-        """Fit on X, then label X (+1 normal, -1 anomalous).
-
-        Parameters
-        ----------
-        X : array-like, tensor or list of images, or PatchEmbeddings
-            Training images.
-        y : array-like of shape (n_images,), masks, or None, default=None
-            Optional labels, as in :meth:`fit`: the images labelled anomalous
-            are left out of the fit, and labelled like the others.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_images,)
-            +1 for normal, -1 for anomalous.
-        """
-        return self.fit(X, y).predict(X)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.non_deterministic = False
-        return tags

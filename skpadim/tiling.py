@@ -16,12 +16,13 @@ import numbers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, OutlierMixin, clone
+from sklearn.base import BaseEstimator, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import ValidatedImages, count_images, image_shapes, iter_image_batches
-from .detector import PatchGaussianDetector, _image_scores_from_maps, _normal_only, _to_image_resolution
+from ._images import ValidatedImages, image_shapes, iter_image_batches
+from .detector import (PatchGaussianDetector, _image_scores_from_maps, _ImageOutlierDetector,
+                       _normal_training_images, _to_image_resolution)
 from .feature_extraction import TorchvisionExtractor, auto_image_size
 
 __all__ = ["TiledDetector"]
@@ -128,7 +129,7 @@ class _Windows:
             yield from next(layouts).cut(batch[0])
 
 
-class TiledDetector(OutlierMixin, BaseEstimator):
+class TiledDetector(_ImageOutlierDetector, BaseEstimator):
     """A patch Gaussian detector for images of mixed sizes, at one pixel scale.
 
     Every image is resized by the same factor, chosen at :meth:`fit` so that the
@@ -240,18 +241,7 @@ class TiledDetector(OutlierMixin, BaseEstimator):
             The fitted detector.
         """
         self._validate_params()
-        n_images = count_images(X)
-        if n_images is None:
-            raise TypeError(
-                "fit reads the training images twice; pass a list, array or tensor "
-                "rather than a one-shot iterator."
-            )
-        if y is not None:
-            X, n_images = _normal_only(X, y, n_images)
-        if n_images < 2:
-            raise ValueError(
-                f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
-            )
+        X, _ = _normal_training_images(X, y)
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
         detector._validate_params()  # its own errors first, named as its own
         if detector.trim:
@@ -408,57 +398,3 @@ class TiledDetector(OutlierMixin, BaseEstimator):
             pixels as the detector's ``image_score`` says.
         """
         return np.array([-self._image_score(amap) for amap, _ in self._iter_image_maps(X)])
-
-    def fit_predict(self, X, y=None):
-        """Fit on X, then label X (+1 normal, -1 anomalous).
-
-        Parameters
-        ----------
-        X : array-like, tensor or list of images
-            Training images.
-        y : array-like of shape (n_images,), masks, or None, default=None
-            Optional labels, as in :meth:`fit`: the images labelled anomalous
-            are left out of the fit, and labelled like the others.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_images,)
-            +1 for normal, -1 for anomalous.
-        """
-        return self.fit(X, y).predict(X)
-
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for anomalies.
-
-        Parameters
-        ----------
-        X : array-like, tensor, list or iterator of images
-            Images in any format accepted by :meth:`PatchGaussianDetector.fit`.
-
-        Returns
-        -------
-        decision : ndarray of shape (n_images,)
-            Negative for images scored as anomalous.
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """Label images: +1 normal, -1 anomalous.
-
-        Parameters
-        ----------
-        X : array-like, tensor, list or iterator of images
-            Images in any format accepted by :meth:`PatchGaussianDetector.fit`.
-
-        Returns
-        -------
-        labels : ndarray of shape (n_images,)
-            +1 for normal, -1 for anomalous.
-        """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.non_deterministic = False
-        return tags
