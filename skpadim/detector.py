@@ -263,7 +263,8 @@ def _take_images(X, keep):
 class _ImageOutlierDetector(OutlierMixin):
     """What an outlier detector of images derives from its ``score_samples``
     and ``offset_``: ``decision_function``, ``predict``, ``fit_predict`` that
-    passes labels to ``fit``, and tags that say X is not a 2-D array."""
+    passes labels to ``fit``, and tags that say X is not a 2-D array; and how
+    a fit adopts the state it assembled aside."""
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for anomalies.
@@ -312,6 +313,13 @@ class _ImageOutlierDetector(OutlierMixin):
             +1 for normal, -1 for anomalous.
         """
         return self.fit(X, y).predict(X)
+
+    def _adopt(self, fitted):
+        """Take the fitted attributes of ``fitted``, a fitted clone of self: a fit
+        assembles its state aside, so that failing part way it leaves self intact."""
+        self.__dict__.update(
+            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
+        )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -612,12 +620,6 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         self._adopt(fitted)
         return self
-
-    def _adopt(self, fitted):
-        """Take the fitted attributes of ``fitted``, a fitted clone of self."""
-        self.__dict__.update(
-            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
-        )
 
     def _fit_gaussians(self, X, y=None):
         """All of :meth:`fit` but the threshold pass.

@@ -288,9 +288,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
                   for amap in fitted._stitched_maps(windows, layouts, in_fit, window_scores)]  # fmt: skip
         detector.offset_ = float(np.percentile(np.concatenate(window_scores), 100.0 * detector.contamination))
         fitted.offset_ = float(np.percentile(scores, 100.0 * detector.contamination))
-        self.__dict__.update(
-            {k: v for k, v in fitted.__dict__.items() if k.endswith("_") and not k.startswith("_")}
-        )
+        self._adopt(fitted)
         return self
 
     # -- maps and scores -----------------------------------------------------
