@@ -196,6 +196,7 @@ def worker(cfg):
 
     common.set_threads(cfg["threads"])
     from skpadim.detector import _to_image_resolution, _image_scores_from_maps
+    from skpadim import TiledDetector
     from skpadim.tiling import _resized
 
     det = build(cfg)
@@ -204,15 +205,17 @@ def worker(cfg):
     # One pass for maps and image scores: what anomaly_maps and score_samples
     # each compute, from the same maps on the preprocessed frame.
     maps, scores = [], []
-    tiled = hasattr(det, "detector")
+    tiled = isinstance(det, TiledDetector)
     with common.Timer() as t_maps:
-        for amap, shape in det._iter_image_maps(cfg["test_paths"]) if tiled else ():
-            scores.append([det._image_score(amap)])
-            maps.append(_resized(amap, shape).numpy())
-        for frame_maps, emb in () if tiled else det._iter_maps(cfg["test_paths"]):
-            scores.append(_image_scores_from_maps(frame_maps, det.image_score).cpu().numpy())
-            maps += [_to_image_resolution(m, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
-                     for m, shape in zip(frame_maps, emb.image_shapes)]  # fmt: skip
+        if tiled:  # maps on each image's resized pixels, stitched from its windows
+            for amap, shape in det._iter_image_maps(cfg["test_paths"]):
+                scores.append([det._image_score(amap)])
+                maps.append(_resized(amap, shape).numpy())
+        else:
+            for frame_maps, emb in det._iter_maps(cfg["test_paths"]):
+                scores.append(_image_scores_from_maps(frame_maps, det.image_score).cpu().numpy())
+                maps += [_to_image_resolution(m, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
+                         for m, shape in zip(frame_maps, emb.image_shapes)]  # fmt: skip
     scores = np.concatenate(scores).astype(np.float64)
     head = cfg["test_paths"][:4]
     np.testing.assert_allclose(-det.score_samples(head), scores[:4], rtol=1e-6)

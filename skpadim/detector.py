@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._device import resolve_device
 from ._images import ValidatedImages, count_images, images_per_batch, iter_image_batches
 from .covariance import PatchCovariance
-from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings
+from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings, _input_frame
 from .metrics import _normal_flags
 
 __all__ = ["PatchGaussianDetector"]
@@ -261,10 +261,28 @@ def _take_images(X, keep):
 
 
 class _ImageOutlierDetector(OutlierMixin):
-    """What an outlier detector of images derives from its ``score_samples``
-    and ``offset_``: ``decision_function``, ``predict``, ``fit_predict`` that
-    passes labels to ``fit``, and tags that say X is not a 2-D array; and how
-    a fit adopts the state it assembled aside."""
+    """What an outlier detector of images derives from its ``score_samples``,
+    ``iter_anomaly_maps`` and ``offset_``: ``anomaly_maps``,
+    ``decision_function``, ``predict``, ``fit_predict`` that passes labels to
+    ``fit``, and tags that say X is not a 2-D array; and how a fit adopts the
+    state it assembled aside."""
+
+    def anomaly_maps(self, X):
+        """Pixel-level anomaly maps at each input image's resolution.
+
+        Parameters
+        ----------
+        X : images (or, fitted on them, PatchEmbeddings)
+            Images in any format accepted by ``fit``; a generator is fine.
+
+        Returns
+        -------
+        maps : ndarray of shape (n_images, H, W) or list of ndarray
+            Higher = more anomalous (smoothed Mahalanobis distances). An array
+            when all images have the same size, else a list of 2-D arrays.
+        """
+        out = list(self.iter_anomaly_maps(X))
+        return np.stack(out) if len({m.shape for m in out}) == 1 else out
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for anomalies.
@@ -507,7 +525,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 # blur and scores are those the threshold was set on.
                 X = PatchEmbeddings(X, resize_shape=self.input_shape_)
             X = _as_patch_embeddings(X)
-            step = self._images_per_batch(X.input_shape)
+            step = images_per_batch(self.batch_size, X.input_shape)
             for start in range(0, len(X), step):
                 yield X.rows(start, start + step)
             return
@@ -516,11 +534,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 "This detector was fitted on patch embeddings (e.g. as the last step of a "
                 "Pipeline), so it can only score PatchEmbeddings, not images."
             )
-        frame = getattr(extractor, "resize_shape_", None)
-        crop = getattr(extractor, "crop_box_", None)
-        if crop is not None:
-            frame = crop[2:]
-        for batch in iter_image_batches(X, self._images_per_batch(frame)):
+        # A custom extractor that does not tell its frame gets batch_size images.
+        per_batch = images_per_batch(self.batch_size, _input_frame(extractor))
+        for batch in iter_image_batches(X, per_batch):
             emb = extractor.transform(ValidatedImages(batch))
             if not isinstance(emb, PatchEmbeddings):
                 # The interface allows a plain array: its grid is then the frame,
@@ -528,11 +544,6 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 emb = PatchEmbeddings(_check_embedding_array(emb, len(batch)),
                                       image_shapes=[tuple(t.shape[-2:]) for t in batch])  # fmt: skip
             yield emb
-
-    def _images_per_batch(self, frame):
-        """``batch_size``, scaled down for frames ``(H, W)`` larger than 224 x 224."""
-        # frame is None for a custom extractor that does not tell its frame.
-        return images_per_batch(self.batch_size, frame)
 
     def _check_aspect(self, emb, start):
         low, high = self.aspect_range_
@@ -794,23 +805,6 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             start += len(emb)
         if start == 0:
             raise ValueError("X: got 0 images; at least one is required.")
-
-    def anomaly_maps(self, X):
-        """Pixel-level anomaly maps at each input image's resolution.
-
-        Parameters
-        ----------
-        X : array-like, tensor, list or iterator of images, or PatchEmbeddings
-            Images in any format accepted by :meth:`fit`; a generator is fine.
-
-        Returns
-        -------
-        maps : ndarray of shape (n_images, H, W) or list of ndarray
-            Smoothed Mahalanobis distances, higher = more anomalous. An array
-            when all images have the same size, else a list of 2-D arrays.
-        """
-        out = list(self.iter_anomaly_maps(X))
-        return np.stack(out) if len({m.shape for m in out}) == 1 else out
 
     def iter_anomaly_maps(self, X):
         """Yield the anomaly map of each image in turn, batch by batch.

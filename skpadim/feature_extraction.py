@@ -225,6 +225,13 @@ def _as_patch_embeddings(X):
     return X if isinstance(X, PatchEmbeddings) else PatchEmbeddings(X)
 
 
+def _input_frame(extractor):
+    """``(H, W)`` of the images a fitted extractor feeds its backbone (after any
+    crop), or None for an extractor that does not say."""
+    crop = getattr(extractor, "crop_box_", None)
+    return tuple(crop[2:]) if crop is not None else getattr(extractor, "resize_shape_", None)
+
+
 def _check_channel_stats(values, default, name):
     """``mean`` or ``std``: three finite numbers (one per RGB channel), std positive."""
     if values is None:
@@ -476,7 +483,13 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
                         ("max_long_side", max_long_side)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    ratio = 1.0 if X is None else float(np.median([h / w for h, w in image_shapes(X)]))
+    return _auto_size_of_shapes(None if X is None else image_shapes(X), short_side, multiple,
+                                max_long_side)
+
+
+def _auto_size_of_shapes(shapes, short_side=224, multiple=32, max_long_side=896):
+    """:func:`auto_image_size` from the images' ``(H, W)`` (None: a square)."""
+    ratio = 1.0 if shapes is None else float(np.median([h / w for h, w in shapes]))
     short = max(multiple, int(round(short_side / multiple)) * multiple)
     long = int(round(short * max(ratio, 1 / ratio) / multiple)) * multiple
     long = max(short, min(long, max(short, max_long_side // multiple * multiple)))
@@ -990,8 +1003,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         embed_cached = None if self.memory is None else self._cached_embedder()
         parts, shapes = [], []
-        frame = self.resize_shape_ if self.crop_box_ is None else self.crop_box_[2:]
-        for batch in iter_image_batches(X, images_per_batch(self.batch_size, frame)):
+        for batch in iter_image_batches(X, images_per_batch(self.batch_size, _input_frame(self))):
             shapes.extend(tuple(img.shape[1:]) for img in batch)
             if embed_cached is None:
                 parts.append(self.embed(batch).cpu().numpy())

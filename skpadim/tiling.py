@@ -20,10 +20,10 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._images import ValidatedImages, image_shapes, iter_image_batches
+from ._images import ValidatedImages, image_shapes, images_per_batch, iter_image_batches
 from .detector import (PatchGaussianDetector, _image_scores_from_maps, _ImageOutlierDetector,
                        _normal_training_images, _to_image_resolution)
-from .feature_extraction import TorchvisionExtractor, auto_image_size
+from .feature_extraction import TorchvisionExtractor, _auto_size_of_shapes
 
 __all__ = ["TiledDetector"]
 
@@ -254,7 +254,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         if median_short < 1:
             raise ValueError("X: most training images have no pixels (a side of length 0).")
         if isinstance(self.window, str):
-            window = auto_image_size(X, short_side=self.short_side)
+            window = _auto_size_of_shapes(shapes, short_side=self.short_side)
             # The window's shorter side is short_side rounded to a multiple of
             # 32: the median image is resized to it exactly, not padded or cut.
             scale = min(window) / median_short
@@ -323,7 +323,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         windows, not of images (one large image can hold many).
         """
         check_is_fitted(self, "offset_")
-        per_batch = self.detector_._images_per_batch(self.window_)
+        per_batch = images_per_batch(self.detector_.batch_size, self.window_)
         layouts, windows, n_seen = [], ValidatedImages(), 0
         for (image,) in iter_image_batches(X, 1):
             layouts.append(_Layout(image.shape[1:], self.scale_, self.window_))
@@ -345,24 +345,6 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
             return float(flat.max())
         k = max(1, int(round(float(image_score) * self.window_[0] * self.window_[1])))
         return float(flat.topk(min(k, flat.numel())).values.mean())
-
-    def anomaly_maps(self, X):
-        """Pixel-level anomaly maps at each input image's resolution.
-
-        Parameters
-        ----------
-        X : array-like, tensor, list or iterator of images
-            Images in any format accepted by :meth:`PatchGaussianDetector.fit`;
-            any size.
-
-        Returns
-        -------
-        maps : ndarray of shape (n_images, H, W) or list of ndarray
-            Higher = more anomalous. An array when all images have the same
-            size, else a list of 2-D arrays.
-        """
-        out = list(self.iter_anomaly_maps(X))
-        return np.stack(out) if len({m.shape for m in out}) == 1 else out
 
     def iter_anomaly_maps(self, X):
         """Yield the anomaly map of each image in turn, batch by batch.

@@ -348,8 +348,8 @@ def test_large_frames_go_in_fewer_images_per_batch(monkeypatch, tiny_extractor, 
 
     monkeypatch.setattr(PatchGaussianDetector, "_embedding_batches", recording)
     # The figure the docs quote: an elongated part's 224 x 576 frame, 12 images a batch.
-    assert PatchGaussianDetector(batch_size=32)._images_per_batch((224, 576)) == 12
-    assert PatchGaussianDetector(batch_size=32)._images_per_batch(None) == 32
+    assert skpadim._images.images_per_batch(32, (224, 576)) == 12
+    assert skpadim._images.images_per_batch(32, None) == 32
     params = dict(n_features=4, batch_size=8, random_state=0)
     reference = PatchGaussianDetector(tiny_extractor, **params).fit(normal_images)
     assert set(sizes) == {8}  # 32 x 32 frames: within the 224 x 224 budget
