@@ -596,10 +596,12 @@ def _cholesky_lower(cov):
     return L
 
 
-def _cholesky_blocked_(A, block=32, diag_inverses=None):
+def _cholesky_blocked_(A, block=32, diag_inverses=None, zero_upper=True):
     """Lower Cholesky factors of a batch of SPD matrices ``A`` (B, C, C), in place.
 
-    Reads only the lower triangle of ``A`` and zeroes the strict upper one. Returns
+    Reads only the lower triangle of ``A`` and, with ``zero_upper``, zeroes the
+    strict upper one (else leaves it unspecified: a caller that copies the
+    factors can zero it in the same pass, ``torch.tril(A, out=...)``). Returns
     a bool mask of the matrices that are not positive definite in ``A``'s
     precision (their factor is garbage). ``diag_inverses``, if given, a
     (B, n_blocks, block, block) tensor, receives the inverses of the factors'
@@ -634,7 +636,8 @@ def _cholesky_blocked_(A, block=32, diag_inverses=None):
     # The strict upper triangle is never read above; zeroed once here, in one
     # contiguous pass (block by block, the strided zeroing cost as much as the
     # factorisation for wide matrices).
-    A.tril_()
+    if zero_upper:
+        A.tril_()
     return failed
 
 
@@ -716,11 +719,12 @@ def _triangular_inverse(D, eye):
     return torch.linalg.solve_triangular(D, eye[:b, :b].expand_as(D), upper=False)
 
 
-def _inverse_diagonal_blocks(L, block, halves=None):
+def _inverse_diagonal_blocks(L, block, halves=None, out=None):
     """Inverses of the ``block``-wide diagonal blocks of lower factors ``L`` (B, C, C).
 
-    Returns a (B, n_blocks, block, block) tensor; the last block, when ``C`` is
-    not a multiple of ``block``, is zero-padded. Each is assembled from the
+    Returns a (B, n_blocks, block, block) tensor, ``out`` if given (every value
+    of it is written); the last block, when ``C`` is not a multiple of
+    ``block``, is zero-padded. Each is assembled from the
     inverses of its two ``block / 2``-wide diagonal blocks, ``[[A, 0], [B, D]]^-1
     = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]``: ``halves`` (B, n_halves, block / 2,
     block / 2) when a blocked Cholesky has them already
@@ -735,10 +739,16 @@ def _inverse_diagonal_blocks(L, block, halves=None):
         for i, k in enumerate(range(0, c, half)):
             e = min(k + half, c)
             halves[:, i, : e - k, : e - k] = _triangular_inverse(L[:, k:e, k:e], eye)
-    out = torch.zeros((m, -(-c // block), block, block), dtype=L.dtype, device=L.device)
+    if out is None:
+        out = torch.empty((m, -(-c // block), block, block), dtype=L.dtype, device=L.device)
     for i, k in enumerate(range(0, c, block)):
         e = min(k + block, c)
         a = min(half, e - k)  # rows of the first half
+        # Zeros where nothing is written below (above the diagonal, padding),
+        # slice by slice: a zero-filled buffer would write every block twice.
+        out[:, i, :half].zero_()
+        out[:, i, e - k :].zero_()
+        out[:, i, half:, half + max(e - k - half, 0) :].zero_()
         out[:, i, :a, :a] = halves[:, 2 * i, :a, :a]
         if e - k > half:
             d = e - k - half
@@ -1083,7 +1093,7 @@ class PatchCovariance(BaseEstimator):
         if (device.type == "cpu" and not self.compact and 2 * chol_block == _SOLVE_BLOCK
                 and p * c * c * torch.empty((), dtype=out_dtype).element_size() > _WHITENING_BYTES):
             n_blocks = -(-c // _SOLVE_BLOCK)
-            block_inverses = torch.zeros((p, n_blocks, _SOLVE_BLOCK, _SOLVE_BLOCK), dtype=out_dtype)
+            block_inverses = torch.empty((p, n_blocks, _SOLVE_BLOCK, _SOLVE_BLOCK), dtype=out_dtype)
             # Zeros once: the same ragged corner is left unwritten every time.
             halves = torch.zeros((min(step, p), -(-c // chol_block), chol_block, chol_block),
                                  dtype=scatter.dtype)  # fmt: skip
@@ -1097,7 +1107,8 @@ class PatchCovariance(BaseEstimator):
                 cov_out[sl] = cov.cpu().numpy()
             if device.type == "cpu":
                 inverses = None if halves is None else halves[: len(cov)]
-                failed = _cholesky_blocked_(cov, block=chol_block, diag_inverses=inverses)
+                failed = _cholesky_blocked_(cov, block=chol_block, diag_inverses=inverses,
+                                            zero_upper=False)  # zeroed as it is copied below
             else:  # batched GPU solvers factorise whole matrices well
                 cov, info = torch.linalg.cholesky_ex(cov)
                 failed = info > 0
@@ -1114,15 +1125,15 @@ class PatchCovariance(BaseEstimator):
                     cov_out[at.cpu().numpy()] = cov64.cpu().numpy()
                 fixed = _cholesky_lower(cov64)
             factor = chol[sl]
-            factor.copy_(cov)
+            torch.tril(cov, out=factor)
             if len(idx):
                 factor[idx] = fixed.to(factor.dtype)
             if self.compact:
                 _check_float16_range(factor)
                 factor.copy_(factor.to(torch.float16))
             if block_inverses is not None:
-                block_inverses[sl] = _inverse_diagonal_blocks(
-                    factor, _SOLVE_BLOCK, halves=halves[: len(factor)].to(factor.dtype))
+                _inverse_diagonal_blocks(factor, _SOLVE_BLOCK, halves=halves[: len(factor)].to(factor.dtype),
+                                         out=block_inverses[sl])  # fmt: skip
                 if len(idx):  # refactorised: their inverses were not the Cholesky's
                     block_inverses[at] = _inverse_diagonal_blocks(factor[idx], _SOLVE_BLOCK)
         # C order: a layout that changed after a pickle round trip would change the

@@ -433,6 +433,25 @@ def test_blocked_inverse_of_lower_factors_equals_numpy():
         np.testing.assert_allclose(out.numpy(), np.linalg.inv(L), rtol=1e-10, atol=1e-12)
 
 
+def test_diagonal_block_inverses_equal_numpy_and_fill_every_value():
+    rng = np.random.RandomState(1)
+    block = 8
+    # Last block full, ragged within its first half, and ragged within its second.
+    for c in (16, 19, 22):
+        A = rng.randn(3, c, c + 3)
+        L = np.linalg.cholesky(A @ A.transpose(0, 2, 1) / c + np.eye(c))
+        expected = np.zeros((3, -(-c // block), block, block))
+        for i, k in enumerate(range(0, c, block)):
+            e = min(k + block, c)
+            expected[:, i, : e - k, : e - k] = np.linalg.inv(L[:, k:e, k:e])
+        out = torch.full(expected.shape, float("nan"), dtype=torch.float64)
+        got = skpadim.covariance._inverse_diagonal_blocks(torch.from_numpy(L), block, out=out)
+        assert got is out
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+        fresh = skpadim.covariance._inverse_diagonal_blocks(torch.from_numpy(L), block)
+        np.testing.assert_array_equal(fresh.numpy(), out.numpy())
+
+
 def _masked_reference(X, mask, shrinkage):
     """Per position: (location, covariance) of the kept samples, by scikit-learn/numpy."""
     out = []
