@@ -3,7 +3,9 @@
 ``joblib.dump`` / ``pickle`` work on every estimator here, but loading a pickle can
 run arbitrary code: never load a pickle from a source you do not trust.
 :func:`save` writes a fitted :class:`~skpadim.PatchGaussianDetector` as a single
-``.npz`` archive holding only numeric arrays and a JSON description, and
+``.npz`` archive holding only numeric arrays and a JSON description (a
+:class:`~skpadim.TiledDetector` likewise: its detector and its scale and
+window), and
 :func:`load` reads it back with ``allow_pickle=False``, so a model file cannot
 execute anything. The file carries a format version and SHA-256 digests of every
 array and of the JSON description, checked on load together with the shapes, so a
@@ -30,15 +32,16 @@ from sklearn.base import clone
 from .covariance import PatchCovariance, _pack_lower_float16, _unpack_lower
 from .detector import PatchGaussianDetector
 from .feature_extraction import TorchvisionExtractor
+from .tiling import TiledDetector
 
 __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 
 # 2: compact models store their factors' lower triangles in float16
-# ("cholesky_lower"). Other models are still written as version 1, which every
-# release reads.
+# ("cholesky_lower"). 3: a TiledDetector, its detector as before plus a "tiled"
+# section. Other models are still written as version 1, which every release reads.
 #: Newest version of the file layout: :func:`save` writes the oldest one that can
 #: hold the model, :func:`load` refuses newer ones.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _MAGIC = "skpadim-detector"
 
 _DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "contamination",
@@ -50,6 +53,8 @@ _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", 
                      "batch_size", "device")
 _FITTED_KEYS = ("offset", "n_features_in", "input_shape", "aspect_range", "fitted_on_embeddings",
                 "grid_shape", "n_samples_seen", "gaussian_dtype")
+_TILED_PARAMS = ("detector", "short_side", "window")
+_TILED_FITTED_KEYS = ("scale", "window", "n_windows", "offset")
 # "sha256" covers the arrays only, so "sha256_config" also covers the description
 # (offset, parameters, ...). Adding it needs no new format version: older releases
 # ignore the extra key and still check "sha256", and files written before it
@@ -132,10 +137,11 @@ def save(model, path):
 
     Parameters
     ----------
-    model : PatchGaussianDetector
+    model : PatchGaussianDetector or TiledDetector
         A fitted detector whose feature extractor is a
         :class:`~skpadim.TorchvisionExtractor` built from a backbone name, or
-        which was fitted on embeddings.
+        which was fitted on embeddings; or a fitted
+        :class:`~skpadim.TiledDetector` around such a detector.
     path : str or path-like
         Destination file.
 
@@ -154,10 +160,68 @@ def save(model, path):
     >>> bool(np.array_equal(load(path).score_samples(emb), det.score_samples(emb)))
     True
     """
-    if not isinstance(model, PatchGaussianDetector):
-        raise TypeError(f"save expects a PatchGaussianDetector, got {type(model).__name__}.")
+    if not isinstance(model, (PatchGaussianDetector, TiledDetector)):
+        raise TypeError(
+            f"save expects a PatchGaussianDetector or a TiledDetector, got {type(model).__name__}."
+        )
     if not hasattr(model, "offset_"):
         raise ValueError("save expects a fitted detector; call fit first.")
+    if isinstance(model, TiledDetector):
+        arrays, config = _contents(model.detector_)
+        config["format_version"] = 3
+        config["tiled"] = {
+            "params": {"detector": _template(model.detector),
+                       "short_side": _jsonable(model.short_side, "short_side"),
+                       "window": _jsonable(model.window, "window")},
+            "fitted": {"scale": float(model.scale_), "window": list(model.window_),
+                       "n_windows": int(model.n_windows_), "offset": float(model.offset_)},
+        }  # fmt: skip
+    else:
+        arrays, config = _contents(model)
+    config["sha256"] = _digest(arrays)
+    config["sha256_config"] = _config_digest(config, config["sha256"])
+    arrays["config"] = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
+
+    path = Path(path)
+    mode = _file_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_rebuildable(extractor):
+    if not isinstance(extractor, TorchvisionExtractor) or not isinstance(extractor.backbone, str):
+        raise TypeError(
+            "save can only rebuild TorchvisionExtractor backbones given by name; a custom "
+            "torch.nn.Module needs its code. Use joblib.dump for this model and load it "
+            "only from trusted files."
+        )
+
+
+def _template(detector):
+    """The description of an unfitted detector (a TiledDetector's ``detector``), or None."""
+    if detector is None:
+        return None
+    extractor = detector.feature_extractor
+    if extractor is not None:
+        _check_rebuildable(extractor)
+        extractor = {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS}
+    return {"detector": {k: _jsonable(getattr(detector, k), k) for k in _DETECTOR_PARAMS},
+            "extractor": extractor}  # fmt: skip
+
+
+def _contents(model):
+    """The arrays and the description (without digests) of a fitted PatchGaussianDetector."""
     arrays = {
         "channel_indices": np.asarray(model.channel_indices_, dtype=np.int64),
         "location": model.gaussian_.location_,
@@ -188,12 +252,7 @@ def save(model, path):
     }
     extractor = model.feature_extractor_
     if extractor is not None:
-        if not isinstance(extractor, TorchvisionExtractor) or not isinstance(extractor.backbone, str):
-            raise TypeError(
-                "save can only rebuild TorchvisionExtractor backbones given by name; a custom "
-                "torch.nn.Module needs its code. Use joblib.dump for this model and load it "
-                "only from trusted files."
-            )
+        _check_rebuildable(extractor)
         config["extractor"] = {
             "params": {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS},
             "layers": list(extractor.layers_),
@@ -201,25 +260,7 @@ def save(model, path):
         }
         for key, tensor in extractor.model_.state_dict().items():
             arrays[f"backbone/{key}"] = tensor.detach().cpu().numpy()
-    config["sha256"] = _digest(arrays)
-    config["sha256_config"] = _config_digest(config, config["sha256"])
-    arrays["config"] = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
-
-    path = Path(path)
-    mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return arrays, config
 
 
 def _read(path):
@@ -278,6 +319,18 @@ def _check(config, arrays, path):
     if config["extractor"] is not None:
         _require(config["extractor"], ("params", "layers", "resize_shape"), "extractor", path)
         _require(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
+    if config.get("tiled") is not None:
+        tiled = config["tiled"]
+        _require(tiled, ("params", "fitted"), "tiled", path)
+        _require(tiled["params"], _TILED_PARAMS, "tiled params", path)
+        _require(tiled["fitted"], _TILED_FITTED_KEYS, "tiled fitted", path)
+        template = tiled["params"]["detector"]
+        if template is not None:
+            _require(template, ("detector", "extractor"), "tiled detector", path)
+            _require(template["detector"], [k for k in _DETECTOR_PARAMS if k not in _DETECTOR_PARAM_FALLBACKS],
+                     "tiled detector", path)  # fmt: skip
+            if template["extractor"] is not None:
+                _require(template["extractor"], _EXTRACTOR_PARAMS, "tiled detector extractor", path)
     if "channel_indices" not in arrays:
         raise ModelFileError(f"{str(path)!r}: the array 'channel_indices' is missing.")
     fitted = config["fitted"]
@@ -313,11 +366,27 @@ def _require(section, keys, name, path):
         )
 
 
-def _rebuild_extractor(description, arrays, path):
-    params = dict(description["params"])
+def _extractor_params(params):
+    """Extractor parameters read from JSON: its lists back to the tuples they were."""
+    params = dict(params)
     for key in ("layers", "image_size", "crop_size", "mean", "std"):
         if isinstance(params.get(key), list):
             params[key] = tuple(params[key])
+    return params
+
+
+def _rebuild_template(template):
+    """The unfitted detector :func:`_template` described, or None."""
+    if template is None:
+        return None
+    extractor = template["extractor"]
+    if extractor is not None:
+        extractor = TorchvisionExtractor(**_extractor_params(extractor))
+    return PatchGaussianDetector(extractor, **{**_DETECTOR_PARAM_FALLBACKS, **template["detector"]})
+
+
+def _rebuild_extractor(description, arrays, path):
+    params = _extractor_params(description["params"])
     # Build the architecture alone (no weights are looked for), read the same
     # layers as at save time, then put the stored weights in.
     weights = params.pop("weights")
@@ -347,10 +416,10 @@ def load(path):
 
     Returns
     -------
-    model : PatchGaussianDetector
-        The fitted detector, scoring exactly as the one saved; its backbone is
-        rebuilt from the architecture's code and the stored weights, on the CPU,
-        with no network access.
+    model : PatchGaussianDetector or TiledDetector
+        The fitted detector, of the type saved, scoring exactly as the one
+        saved; its backbone is rebuilt from the architecture's code and the
+        stored weights, on the CPU, with no network access.
 
     Raises
     ------
@@ -394,4 +463,15 @@ def load(path):
     det.input_shape_ = tuple(fitted["input_shape"])
     det.aspect_range_ = tuple(fitted["aspect_range"])
     det.fitted_on_embeddings_ = fitted["fitted_on_embeddings"]
-    return det
+    if config.get("tiled") is None:
+        return det
+    params, fitted = config["tiled"]["params"], config["tiled"]["fitted"]
+    window = params["window"]
+    tiled = TiledDetector(_rebuild_template(params["detector"]), short_side=params["short_side"],
+                          window=tuple(window) if isinstance(window, list) else window)  # fmt: skip
+    tiled.detector_ = det
+    tiled.scale_ = fitted["scale"]
+    tiled.window_ = tuple(fitted["window"])
+    tiled.n_windows_ = fitted["n_windows"]
+    tiled.offset_ = fitted["offset"]
+    return tiled

@@ -194,9 +194,9 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
     Fitting reads the training images twice (the statistics, then the
     thresholds: the detector's on windows and this one's on images). Scoring
     holds one image's windows at a time, so memory follows the largest image
-    at ``scale_``, not the number of images. Save a fitted
-    ``TiledDetector`` with joblib; :func:`skpadim.save` takes only
-    :class:`PatchGaussianDetector`.
+    at ``scale_``, not the number of images. A fitted ``TiledDetector`` is
+    saved with joblib or, without pickle, with :func:`skpadim.save` (when its
+    detector's backbone can be rebuilt from its name).
 
     Examples
     --------

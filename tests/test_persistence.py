@@ -9,10 +9,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 
 import skpadim.persistence
-from skpadim import PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor, load, save
+from skpadim import (PatchEmbeddings, PatchGaussianDetector, TiledDetector, TorchvisionExtractor, load,
+                     save)
 from skpadim.persistence import _FITTED_KEYS, FORMAT_VERSION, ModelFileError
 
 
@@ -239,8 +240,82 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
         save(det, tmp_path / "x.npz")
     with pytest.raises(ValueError, match="fitted"):
         save(PatchGaussianDetector(), tmp_path / "x.npz")
-    with pytest.raises(TypeError, match="PatchGaussianDetector"):
+    with pytest.raises(TypeError, match="PatchGaussianDetector or a TiledDetector"):
         save(object(), tmp_path / "x.npz")
+    # Around a TiledDetector, the fitted detector and the unfitted template alike.
+    tiled = TiledDetector(PatchGaussianDetector(ext, n_features=4), short_side=32, window=(32, 32))
+    tiled.fit(textured_images(5))
+    with pytest.raises(TypeError, match="joblib"):
+        save(tiled, tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="fitted"):
+        save(TiledDetector(), tmp_path / "x.npz")
+
+
+def _mixed_sizes(seed):
+    """Textured images 48 px high and 32 to 96 px wide."""
+    from conftest import textured_images
+
+    images = textured_images(6, size=96, seed=seed)
+    return [img[:48, :w] for img, w in zip(images, (32, 96, 48, 80, 40, 64))]
+
+
+@pytest.fixture(scope="module")
+def fitted_tiled():
+    """A TiledDetector around the real EfficientNet-Lite0, on images of mixed sizes."""
+    inner = PatchGaussianDetector(TorchvisionExtractor(), n_features=16, random_state=0)
+    det = TiledDetector(inner, short_side=48, window=(64, 64)).fit(_mixed_sizes(0))
+    return det, _mixed_sizes(1)
+
+
+def test_tiled_detector_round_trip_scores_identically(fitted_tiled, tmp_path):
+    det, X = fitted_tiled
+    path = save(det, tmp_path / "tiled.npz")
+    loaded = load(path)
+    assert isinstance(loaded, TiledDetector)
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    for ours, theirs in zip(loaded.anomaly_maps(X), det.anomaly_maps(X)):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(loaded.predict(X), det.predict(X))
+    assert (loaded.offset_, loaded.scale_, loaded.window_, loaded.n_windows_) == (
+        det.offset_, det.scale_, det.window_, det.n_windows_)
+    assert loaded.detector_.offset_ == det.detector_.offset_
+    # The parameters as the user set them, so that a clone refits alike.
+    expected = {k: v for k, v in det.get_params().items() if not isinstance(v, BaseEstimator)}
+    got = {k: v for k, v in clone(loaded).get_params().items() if not isinstance(v, BaseEstimator)}
+    assert got == expected and got["window"] == (64, 64)
+    with np.load(path, allow_pickle=False) as archive:
+        assert json.loads(archive["config"].tobytes())["format_version"] == 3
+
+
+def test_tiled_detector_with_default_detector_round_trip(tmp_path):
+    from conftest import textured_images
+
+    X = [img[:32, :w] for img, w in zip(textured_images(5, size=64, seed=0), (32, 64, 40, 48, 56))]
+    det = TiledDetector(short_side=32, window="auto").fit(X)
+    loaded = load(save(det, tmp_path / "t.npz"))
+    assert loaded.detector is None and loaded.window == "auto"
+    np.testing.assert_array_equal(loaded.score_samples(X[:2]), det.score_samples(X[:2]))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_drop("tiled", "fitted"), "'tiled' section .* lacks fitted"),
+    (lambda a, c: c["tiled"]["fitted"].pop("scale"), "'tiled fitted' section .* lacks scale"),
+    (lambda a, c: c["tiled"]["params"].pop("window"), "'tiled params' section .* lacks window"),
+    (lambda a, c: c["tiled"]["params"]["detector"]["detector"].pop("sigma"),
+     "'tiled detector' section .* lacks sigma"),
+])
+def test_missing_tiled_entries_are_named(fitted_tiled, tmp_path, mutate, message):
+    path = save(fitted_tiled[0], tmp_path / "t.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
+def test_tampered_tiled_description_is_detected(fitted_tiled, tmp_path):
+    path = save(fitted_tiled[0], tmp_path / "t.npz")
+    _rewrite(path, lambda a, c: c["tiled"]["fitted"].__setitem__("scale", 2.0))
+    with pytest.raises(ModelFileError, match="description does not match"):
+        load(path)
 
 
 def test_doctests():
