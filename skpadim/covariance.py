@@ -298,7 +298,7 @@ class _Moments:
         s2 = self.s2
         device, work = s2.device, s2.dtype
         itemsize = s2.element_size()
-        scale = 1 if device.type == "cpu" else _GPU_SCALE
+        scale = 1 if _tuned_for_cpu(device) else _GPU_SCALE
         first = self.n == 0
         if first:
             # The reference: in the working precision, unless the input has more,
@@ -441,6 +441,14 @@ def _move_to_kept_mean_(ref, T, weights, seen):
         mean = head / kept.clamp(min=1)[:, None]
         ref.copy_(torch.where(move[:, None], mean, ref.to(torch.float64)))
     seen += kept
+
+
+def _tuned_for_cpu(device):
+    """Whether work on ``device`` takes the CPU's paths (cache-sized chunks,
+    blocked factorisations and solves) rather than the GPU's (chunks bounded
+    by memory only, batched solvers on whole matrices). A function, so that the
+    tests can run the GPU's paths on a CPU."""
+    return device.type == "cpu"
 
 
 def _row_block(c):
@@ -1080,7 +1088,7 @@ class PatchCovariance(BaseEstimator):
         shrink = torch.full((p,), float("nan"), dtype=torch.float64)
         location = torch.empty((p, c), dtype=torch.float64)
         if scatter.is_whole():
-            budget = _FINALIZE_BYTES if device.type == "cpu" else _GPU_FINALIZE_BYTES
+            budget = _FINALIZE_BYTES if _tuned_for_cpu(device) else _GPU_FINALIZE_BYTES
             step = max(1, budget // (c * c * scatter.element_size()))
         else:  # a chunk at a time, unpacked whole before its factors are written
             step = max(stop - start for start, stop in scatter.chunks())
@@ -1090,7 +1098,7 @@ class PatchCovariance(BaseEstimator):
         # from those the factorisation finds anyway, rather than later by a pass
         # of small triangular solves over all the factors (seconds for Rd550).
         block_inverses = halves = None
-        if (device.type == "cpu" and not self.compact and 2 * chol_block == _SOLVE_BLOCK
+        if (_tuned_for_cpu(device) and not self.compact and 2 * chol_block == _SOLVE_BLOCK
                 and p * c * c * torch.empty((), dtype=out_dtype).element_size() > _WHITENING_BYTES):
             n_blocks = -(-c // _SOLVE_BLOCK)
             block_inverses = torch.empty((p, n_blocks, _SOLVE_BLOCK, _SOLVE_BLOCK), dtype=out_dtype)
@@ -1105,7 +1113,7 @@ class PatchCovariance(BaseEstimator):
                 shrink[sl] = s.cpu()
             if cov_out is not None:
                 cov_out[sl] = cov.cpu().numpy()
-            if device.type == "cpu":
+            if _tuned_for_cpu(device):
                 inverses = None if halves is None else halves[: len(cov)]
                 failed = _cholesky_blocked_(cov, block=chol_block, diag_inverses=inverses,
                                             zero_upper=False)  # zeroed as it is copied below
@@ -1213,7 +1221,7 @@ class PatchCovariance(BaseEstimator):
         # the factors; past a size, solve with the factors chunk by chunk instead.
         whitening = self._whitening_matrices() if self.cholesky_.nbytes <= _WHITENING_BYTES else None
         dtype = torch.from_numpy(self.cholesky_[:0]).dtype
-        blocked = whitening is None and device.type == "cpu"
+        blocked = whitening is None and _tuned_for_cpu(device)
         step = max(1, _SOLVE_CHUNK_BYTES // (3 * n * c * 4)) if blocked else _chunk_size(n, c, 4)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
         diff_buffer = None

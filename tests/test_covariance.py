@@ -383,6 +383,52 @@ def test_positions_singular_in_float32_are_refactorised_in_float64(method, layou
     np.testing.assert_allclose(R @ R.transpose(0, 2, 1), ref.covariance_, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["whole", "block-triangular"])
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.0])
+def test_gpu_paths_run_on_a_cpu_equal_the_references(monkeypatch, request, layout, shrinkage):
+    # CI has no GPU: the paths a GPU takes (chunks bounded by memory only, whole
+    # matrices to the batched Cholesky, batched triangular solves when scoring)
+    # run here on CPU tensors, against scikit-learn and NumPy. Zero-variance
+    # channels and no shrinkage send a few positions to the float64 retry.
+    if layout == "block-triangular":
+        request.getfixturevalue("small_blocks")
+    cpu_paths = {name: getattr(skpadim.covariance, name)
+                 for name in ("_tuned_for_cpu", "_cholesky_blocked_", "_solve_lower_blocked")}
+
+    def cpu_only(*args, **kwargs):
+        raise AssertionError("a CPU path was taken")
+
+    monkeypatch.setattr(skpadim.covariance, "_tuned_for_cpu", lambda device: False)
+    monkeypatch.setattr(skpadim.covariance, "_cholesky_blocked_", cpu_only)
+    monkeypatch.setattr(skpadim.covariance, "_solve_lower_blocked", cpu_only)
+    monkeypatch.setattr(skpadim.covariance, "_WHITENING_BYTES", 0)  # scoring by solves
+    X = _embeddings(n=25, mean=30.0, seed=6, dtype=np.float32)
+    if shrinkage == 0.0:
+        X[:, 2, 0, 1:] = 7.0
+    est = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
+    X_new = _embeddings(n=4, seed=7) * 1.3 + 30.0
+    dist = est.mahalanobis(X_new).reshape(4, -1)
+    for p, samples in enumerate(_per_position(X)):
+        if shrinkage == "ledoit-wolf":
+            ref = LedoitWolf().fit(samples)
+            expected, location = ref.covariance_, ref.location_
+            np.testing.assert_allclose(est.shrinkage_[p], ref.shrinkage_, rtol=1e-6)
+        else:
+            expected, location = np.cov(samples, rowvar=False), samples.mean(0)
+        np.testing.assert_allclose(est.location_[p], location, rtol=1e-10)
+        L = est.cholesky_[p]
+        np.testing.assert_array_equal(L, np.tril(L))
+        np.testing.assert_allclose(L @ L.T, expected, rtol=1e-6, atol=1e-6)
+        z = np.linalg.solve(L, (_per_position(X_new)[p] - est.location_[p]).T)
+        np.testing.assert_allclose(dist[:, p], np.linalg.norm(z, axis=0), rtol=1e-8)
+    # The CPU's own paths give the same model.
+    for name, function in cpu_paths.items():
+        monkeypatch.setattr(skpadim.covariance, name, function)
+    cpu = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
+    np.testing.assert_allclose(cpu.cholesky_, est.cholesky_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(cpu.mahalanobis(X_new).reshape(4, -1), dist, rtol=1e-8)
+
+
 def test_block_inverses_of_refactorised_positions_are_their_own(monkeypatch):
     # Positions singular in float32 are refactorised in float64 after the blocked
     # Cholesky has produced its block inverses: theirs must come from the new factor.
