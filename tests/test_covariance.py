@@ -24,6 +24,15 @@ def _embeddings(n=40, c=6, h=2, w=3, mean=0.0, seed=0, dtype=np.float64):
     return X.astype(dtype)
 
 
+def _reference(samples, shrinkage):
+    """(location, covariance, Ledoit-Wolf coefficient or None) of (n, C) samples, by
+    scikit-learn's LedoitWolf or NumPy's sample covariance plus the fixed ridge."""
+    if shrinkage == "ledoit-wolf":
+        ref = LedoitWolf().fit(samples)
+        return ref.location_, ref.covariance_, ref.shrinkage_
+    return samples.mean(0), np.cov(samples, rowvar=False) + shrinkage * np.eye(samples.shape[1]), None
+
+
 def _per_position(X):
     """(n, C, h, w) -> list over positions of (n, C) float64 samples."""
     n, c, h, w = X.shape
@@ -285,13 +294,9 @@ def test_chunked_and_block_triangular_fit_equals_sklearn(small_blocks, shrinkage
         streamed = pickle.loads(pickle.dumps(streamed.partial_fit(X[start : start + 10])))
     assert streamed._moments.rows == 2
     for p, samples in enumerate(_per_position(X)):
-        if shrinkage == "ledoit-wolf":
-            ref = LedoitWolf().fit(samples)
-            expected, location = ref.covariance_, ref.location_
-            np.testing.assert_allclose(est.shrinkage_[p], ref.shrinkage_, rtol=1e-8)
-        else:
-            expected = np.cov(samples, rowvar=False) + shrinkage * np.eye(samples.shape[1])
-            location = samples.mean(0)
+        location, expected, coefficient = _reference(samples, shrinkage)
+        if coefficient is not None:
+            np.testing.assert_allclose(est.shrinkage_[p], coefficient, rtol=1e-8)
         for fitted in (est, streamed):
             np.testing.assert_allclose(fitted.location_[p], location, rtol=1e-10)
             np.testing.assert_allclose(fitted.covariance_[p], expected, rtol=1e-8)
@@ -409,12 +414,9 @@ def test_gpu_paths_run_on_a_cpu_equal_the_references(monkeypatch, request, layou
     X_new = _embeddings(n=4, seed=7) * 1.3 + 30.0
     dist = est.mahalanobis(X_new).reshape(4, -1)
     for p, samples in enumerate(_per_position(X)):
-        if shrinkage == "ledoit-wolf":
-            ref = LedoitWolf().fit(samples)
-            expected, location = ref.covariance_, ref.location_
-            np.testing.assert_allclose(est.shrinkage_[p], ref.shrinkage_, rtol=1e-6)
-        else:
-            expected, location = np.cov(samples, rowvar=False), samples.mean(0)
+        location, expected, coefficient = _reference(samples, shrinkage)
+        if coefficient is not None:
+            np.testing.assert_allclose(est.shrinkage_[p], coefficient, rtol=1e-6)
         np.testing.assert_allclose(est.location_[p], location, rtol=1e-10)
         L = est.cholesky_[p]
         np.testing.assert_array_equal(L, np.tril(L))

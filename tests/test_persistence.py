@@ -159,12 +159,19 @@ def test_missing_entries_are_named(fitted_emb, tmp_path, mutate, message):
         load(path)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (_drop("extractor", "resize_shape"), "'extractor' section .* lacks resize_shape"),
-    (lambda a, c: c["extractor"]["params"].pop("mean"), "'extractor params' section .* lacks mean"),
+@pytest.mark.parametrize("model, mutate, message", [
+    ("fitted_lite", _drop("extractor", "resize_shape"), "'extractor' section .* lacks resize_shape"),
+    ("fitted_lite", lambda a, c: c["extractor"]["params"].pop("mean"),
+     "'extractor params' section .* lacks mean"),
+    ("fitted_tiled", _drop("tiled", "fitted"), "'tiled' section .* lacks fitted"),
+    ("fitted_tiled", lambda a, c: c["tiled"]["fitted"].pop("scale"), "'tiled fitted' section .* lacks scale"),
+    ("fitted_tiled", lambda a, c: c["tiled"]["params"].pop("window"),
+     "'tiled params' section .* lacks window"),
+    ("fitted_tiled", lambda a, c: c["tiled"]["params"]["detector"]["detector"].pop("sigma"),
+     "'tiled detector' section .* lacks sigma"),
 ])
-def test_missing_extractor_entries_are_named(fitted_lite, tmp_path, mutate, message):
-    path = save(fitted_lite[0], tmp_path / "m.npz")
+def test_missing_extractor_and_tiled_entries_are_named(request, tmp_path, model, mutate, message):
+    path = save(request.getfixturevalue(model)[0], tmp_path / "m.npz")
     _rewrite(path, mutate, redigest=True)
     with pytest.raises(ModelFileError, match=message):
         load(path)
@@ -295,20 +302,6 @@ def test_tiled_detector_with_default_detector_round_trip(tmp_path):
     loaded = load(save(det, tmp_path / "t.npz"))
     assert loaded.detector is None and loaded.window == "auto"
     np.testing.assert_array_equal(loaded.score_samples(X[:2]), det.score_samples(X[:2]))
-
-
-@pytest.mark.parametrize("mutate, message", [
-    (_drop("tiled", "fitted"), "'tiled' section .* lacks fitted"),
-    (lambda a, c: c["tiled"]["fitted"].pop("scale"), "'tiled fitted' section .* lacks scale"),
-    (lambda a, c: c["tiled"]["params"].pop("window"), "'tiled params' section .* lacks window"),
-    (lambda a, c: c["tiled"]["params"]["detector"]["detector"].pop("sigma"),
-     "'tiled detector' section .* lacks sigma"),
-])
-def test_missing_tiled_entries_are_named(fitted_tiled, tmp_path, mutate, message):
-    path = save(fitted_tiled[0], tmp_path / "t.npz")
-    _rewrite(path, mutate, redigest=True)
-    with pytest.raises(ModelFileError, match=message):
-        load(path)
 
 
 def test_tampered_tiled_description_is_detected(fitted_tiled, tmp_path):
