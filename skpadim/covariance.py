@@ -451,6 +451,11 @@ def _tuned_for_cpu(device):
     return device.type == "cpu"
 
 
+def _to_device(tensor, device):
+    """``tensor`` on ``device`` (one place, so that the tests can make it fail)."""
+    return tensor.to(device)
+
+
 def _row_block(c):
     """Rows per block of the accumulated scatter matrices (``c``: all of them)."""
     return c if c <= 2 * _ROW_BLOCK else _ROW_BLOCK
@@ -1148,7 +1153,8 @@ class PatchCovariance(BaseEstimator):
         # floating-point results of the triangular solves.
         self.location_ = np.ascontiguousarray(location.numpy(), dtype=self.dtype)
         self.cholesky_ = np.ascontiguousarray(chol.cpu().numpy())
-        self.__dict__.pop("_block_inverses", None)
+        for derived in ("_block_inverses", "_resident"):
+            self.__dict__.pop(derived, None)
         if block_inverses is not None:
             self._block_inverses = (self.cholesky_, block_inverses)
         if cov_out is not None:
@@ -1222,28 +1228,61 @@ class PatchCovariance(BaseEstimator):
         whitening = self._whitening_matrices() if self.cholesky_.nbytes <= _WHITENING_BYTES else None
         dtype = torch.from_numpy(self.cholesky_[:0]).dtype
         blocked = whitening is None and _tuned_for_cpu(device)
+        resident = self._resident_operands(device, whitening)
         step = max(1, _SOLVE_CHUNK_BYTES // (3 * n * c * 4)) if blocked else _chunk_size(n, c, 4)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
         diff_buffer = None
         for start in range(0, h * w, step):
             stop = start + step
-            loc = torch.from_numpy(self.location_[start:stop]).to(device)
+            if resident is None:
+                loc = torch.from_numpy(self.location_[start:stop]).to(device)
+            else:
+                loc = resident[0][start:stop]
             rows = Y[start:stop].to(device=device, dtype=dtype).transpose(1, 2)
             if diff_buffer is None:
                 diff_buffer = torch.empty(rows.shape, dtype=dtype, device=device)
             # Contiguous (batched products are much slower on strided operands),
             # written in the same pass as the subtraction, into one reused buffer.
             diff = torch.sub(rows, loc[:, :, None], out=diff_buffer[: len(rows)])
+            if resident is not None:
+                matrices = resident[1][start:stop]
+            elif whitening is not None:
+                matrices = whitening[start:stop].to(device)
+            else:
+                matrices = torch.from_numpy(self.cholesky_[start:stop]).to(device)
             if whitening is not None:
-                z = torch.bmm(whitening[start:stop].to(device), diff)
+                z = torch.bmm(matrices, diff)
             elif blocked:
-                chol = torch.from_numpy(self.cholesky_[start:stop])
-                z = _solve_lower_blocked(chol, self._diagonal_inverses()[start:stop], diff)
+                z = _solve_lower_blocked(matrices, self._diagonal_inverses()[start:stop], diff)
             else:  # batched GPU solvers handle whole matrices well
-                chol = torch.from_numpy(self.cholesky_[start:stop]).to(device)
-                z = torch.linalg.solve_triangular(chol, diff, upper=False)
+                z = torch.linalg.solve_triangular(matrices, diff, upper=False)
             out[start:stop] = (z * z).sum(dim=1).sqrt()
         return out.T.reshape(n, h, w)
+
+    def _resident_operands(self, device, whitening):
+        """``(location, matrices)``, the whitening matrices or else the factors, as
+        tensors kept on ``device`` from one call to the next; None on a CPU.
+
+        On a CPU the arrays are read in place, chunk by chunk. A GPU would
+        otherwise receive the whole model again with every batch, which costs
+        more than the distances: the first call moves it there and later ones
+        reuse it. Derived, so not pickled. A model that does not fit in the GPU's
+        free memory is still sent chunk by chunk.
+        """
+        if _tuned_for_cpu(device):
+            return None
+        cached = self.__dict__.get("_resident")
+        if cached is not None and cached[0] is self.cholesky_ and cached[1] == device:
+            return cached[2]
+        self.__dict__.pop("_resident", None)  # the previous copy goes first
+        matrices = whitening if whitening is not None else torch.from_numpy(self.cholesky_)
+        try:
+            operands = (_to_device(torch.from_numpy(self.location_), device),
+                        _to_device(matrices, device))  # fmt: skip
+        except torch.OutOfMemoryError:
+            return None
+        self._resident = (self.cholesky_, device, operands)
+        return operands
 
     def _diagonal_inverses(self):
         """Inverses of the ``_SOLVE_BLOCK``-wide diagonal blocks of the factors,
@@ -1294,8 +1333,8 @@ class PatchCovariance(BaseEstimator):
         # Running statistics may live on a GPU; pickle them from the CPU so that
         # a model saved on a GPU machine loads on a CPU-only one.
         state = self.__dict__.copy()
-        state.pop("_whitening", None)
-        state.pop("_block_inverses", None)
+        for derived in ("_whitening", "_block_inverses", "_resident"):
+            state.pop(derived, None)
         moments = state.get("_moments")
         if moments is not None:
             state["_moments"] = moments.cpu()

@@ -431,6 +431,40 @@ def test_gpu_paths_run_on_a_cpu_equal_the_references(monkeypatch, request, layou
     np.testing.assert_allclose(cpu.mahalanobis(X_new).reshape(4, -1), dist, rtol=1e-8)
 
 
+@pytest.mark.parametrize("whitening_bytes", [2**30, 0])
+def test_gpu_scoring_keeps_the_model_on_the_device(monkeypatch, whitening_bytes):
+    # On a GPU the model is moved once and reused, not sent again with every
+    # batch; run on CPU tensors through the GPU's path, by whitening matrices
+    # and by triangular solves.
+    X = _embeddings(n=25, seed=6, dtype=np.float32)
+    X_new = _embeddings(n=4, seed=7, dtype=np.float32) * 1.3
+    monkeypatch.setattr(skpadim.covariance, "_WHITENING_BYTES", whitening_bytes)
+    expected = PatchCovariance(shrinkage=0.01).fit(X).mahalanobis(X_new)
+    monkeypatch.setattr(skpadim.covariance, "_tuned_for_cpu", lambda device: False)
+    moves = []
+    monkeypatch.setattr(skpadim.covariance, "_to_device",
+                        lambda tensor, device: moves.append(tensor.shape) or tensor.clone())
+    est = PatchCovariance(shrinkage=0.01).fit(X)
+    first = est.mahalanobis(X_new)
+    resident = est._resident[2]
+    assert len(moves) == 2  # the locations and the matrices, once
+    np.testing.assert_array_equal(est.mahalanobis(X_new), first)
+    assert est._resident[2] is resident and len(moves) == 2
+    np.testing.assert_allclose(first, expected, rtol=1e-5)
+    assert "_resident" not in pickle.loads(pickle.dumps(est)).__dict__
+    est.fit(X[:20])  # a refit frees the copy of the previous model
+    assert "_resident" not in est.__dict__
+
+    def out_of_memory(tensor, device):
+        raise torch.OutOfMemoryError("no room")
+
+    # Without room on the device, the model is sent chunk by chunk, as before.
+    monkeypatch.setattr(skpadim.covariance, "_to_device", out_of_memory)
+    est.fit(X)
+    np.testing.assert_allclose(est.mahalanobis(X_new), expected, rtol=1e-5)
+    assert "_resident" not in est.__dict__
+
+
 def test_block_inverses_of_refactorised_positions_are_their_own(monkeypatch):
     # Positions singular in float32 are refactorised in float64 after the blocked
     # Cholesky has produced its block inverses: theirs must come from the new factor.
