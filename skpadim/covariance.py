@@ -456,6 +456,13 @@ def _to_device(tensor, device):
     return tensor.to(device)
 
 
+def _free_memory(device):
+    """Bytes free on a CUDA ``device``, or None where that is not known."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
 def _row_block(c):
     """Rows per block of the accumulated scatter matrices (``c``: all of them)."""
     return c if c <= 2 * _ROW_BLOCK else _ROW_BLOCK
@@ -970,6 +977,7 @@ class PatchCovariance(BaseEstimator):
             The fitted estimator.
         """
         self._validate_params()
+        self._release_device_memory()
         X = self._check_embeddings(X, reset=True)
         mask = _check_patch_mask(patch_mask, X)
         moments = self._accumulate(None, X, mask)
@@ -1011,6 +1019,7 @@ class PatchCovariance(BaseEstimator):
             )
         # Every call, as scikit-learn does: set_params may have come in between.
         self._validate_params()
+        self._release_device_memory()
         X = self._check_embeddings(X, reset=first)
         mask = _check_patch_mask(patch_mask, X)
         # Merge into a copy so that a failure part way leaves the statistics intact.
@@ -1273,16 +1282,27 @@ class PatchCovariance(BaseEstimator):
             return None
         cached = self.__dict__.get("_resident")
         if cached is not None and cached[0] is self.cholesky_ and cached[1] == device:
-            return cached[2]
-        self.__dict__.pop("_resident", None)  # the previous copy goes first
+            return cached[2]  # None: it did not fit, and is not tried again
+        self._release_device_memory()  # the previous copy goes first
         matrices = whitening if whitening is not None else torch.from_numpy(self.cholesky_)
-        try:
-            operands = (_to_device(torch.from_numpy(self.location_), device),
-                        _to_device(matrices, device))  # fmt: skip
-        except torch.OutOfMemoryError:
-            return None
+        size = matrices.nbytes + self.location_.nbytes
+        free = _free_memory(device)
+        operands = None
+        # Room is left for the scoring's own buffers (chunks of _CHUNK_BYTES).
+        if free is None or free >= size + 4 * _CHUNK_BYTES:
+            try:
+                operands = (_to_device(torch.from_numpy(self.location_), device),
+                            _to_device(matrices, device))  # fmt: skip
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from torch 2.5
+                operands = None
         self._resident = (self.cholesky_, device, operands)
         return operands
+
+    def _release_device_memory(self):
+        """Free the copy of the model kept on a GPU for scoring (a later call
+        moves it again). Fitting does it first, so that a refit's peak memory
+        does not hold the previous model too."""
+        self.__dict__.pop("_resident", None)
 
     def _diagonal_inverses(self):
         """Inverses of the ``_SOLVE_BLOCK``-wide diagonal blocks of the factors,

@@ -642,6 +642,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         """
         self._validate_params()
         resolve_device(self.device)  # a bad or absent device fails before any image is read
+        if hasattr(self, "gaussian_"):  # the previous model's copy on a GPU is not kept through a refit
+            self.gaussian_._release_device_memory()
         X, n_images = _normal_training_images(X, y)
         if self.pooling % 2 == 0:
             raise ValueError(

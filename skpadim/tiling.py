@@ -241,6 +241,8 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
             The fitted detector.
         """
         self._validate_params()
+        if hasattr(self, "detector_"):  # the previous model's copy on a GPU is not kept through a refit
+            self.detector_.gaussian_._release_device_memory()
         X, _ = _normal_training_images(X, y)
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
         detector._validate_params()  # its own errors first, named as its own

@@ -456,13 +456,22 @@ def test_gpu_scoring_keeps_the_model_on_the_device(monkeypatch, whitening_bytes)
     assert "_resident" not in est.__dict__
 
     def out_of_memory(tensor, device):
-        raise torch.OutOfMemoryError("no room")
+        raise torch.cuda.OutOfMemoryError("no room")
 
-    # Without room on the device, the model is sent chunk by chunk, as before.
+    # Without room on the device, the model is sent chunk by chunk, as before,
+    # and the move is not tried again: not when the copy fails, nor when the
+    # device's free memory says it would not leave room for the scoring.
     monkeypatch.setattr(skpadim.covariance, "_to_device", out_of_memory)
     est.fit(X)
     np.testing.assert_allclose(est.mahalanobis(X_new), expected, rtol=1e-5)
-    assert "_resident" not in est.__dict__
+    assert est._resident[2] is None
+    monkeypatch.setattr(skpadim.covariance, "_to_device",
+                        lambda tensor, device: moves.append(tensor.shape) or tensor.clone())
+    monkeypatch.setattr(skpadim.covariance, "_free_memory", lambda device: 1000)
+    est.fit(X)
+    for _ in range(2):
+        np.testing.assert_allclose(est.mahalanobis(X_new), expected, rtol=1e-5)
+    assert est._resident[2] is None and len(moves) == 2
 
 
 def test_block_inverses_of_refactorised_positions_are_their_own(monkeypatch):

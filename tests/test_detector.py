@@ -706,6 +706,27 @@ def test_leave_one_out_distances_with_fewer_images_than_channels():
     np.testing.assert_allclose(loo, exact, rtol=0.03)
 
 
+def test_refit_frees_the_previous_models_copy_on_the_gpu(monkeypatch, tiny_extractor, normal_images):
+    # Scoring on a GPU keeps the model there (run here through the GPU's path on
+    # CPU tensors); a refit must not hold that copy through its own peak memory.
+    import skpadim.covariance
+
+    monkeypatch.setattr(skpadim.covariance, "_tuned_for_cpu", lambda device: False)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    old = det.gaussian_
+    assert old.__dict__.get("_resident") is not None  # left by fit's threshold pass
+    held_during_fit = []
+    fit_gaussian = PatchGaussianDetector._fit_gaussian
+
+    def spy(self, *args, **kwargs):
+        held_during_fit.append("_resident" in old.__dict__)
+        return fit_gaussian(self, *args, **kwargs)
+
+    monkeypatch.setattr(PatchGaussianDetector, "_fit_gaussian", spy)
+    det.fit(normal_images)
+    assert held_during_fit == [False]
+
+
 def test_leave_one_out_distances_stay_on_the_distances_device():
     # The "meta" device stands in for a GPU: no tensor may be left on the CPU.
     from skpadim.detector import _leave_one_out_distances

@@ -158,6 +158,26 @@ def test_params_clone_and_pickle(tiny_extractor, normal_images, test_images):
     np.testing.assert_array_equal(loaded.score_samples(test_images), det.score_samples(test_images))
 
 
+def test_refit_frees_the_previous_models_copy_on_the_gpu(monkeypatch, tiny_extractor, normal_images):
+    # As for the detector: run through the GPU's path on CPU tensors.
+    import skpadim.covariance
+
+    monkeypatch.setattr(skpadim.covariance, "_tuned_for_cpu", lambda device: False)
+    det = _tiled(tiny_extractor).fit(normal_images)
+    old = det.detector_.gaussian_
+    assert old.__dict__.get("_resident") is not None
+    held_during_fit = []
+    fit_gaussians = PatchGaussianDetector._fit_gaussians
+
+    def spy(self, *args, **kwargs):
+        held_during_fit.append("_resident" in old.__dict__)
+        return fit_gaussians(self, *args, **kwargs)
+
+    monkeypatch.setattr(PatchGaussianDetector, "_fit_gaussians", spy)
+    det.fit(normal_images)
+    assert held_during_fit == [False]
+
+
 def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
     with pytest.raises(InvalidParameterError, match="detector"):
         TiledDetector(detector="padim").fit(normal_images)
