@@ -85,11 +85,11 @@ def _jsonable(value, name):
         return int(value)
     if isinstance(value, (np.floating,)):
         return float(value)
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_jsonable(v, name) for v in value]
     if isinstance(value, (torch.device, os.PathLike)):
         return str(value)
-    if value is None or isinstance(value, (bool, int, float, str, list)):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(
         f"Cannot save parameter {name}={value!r} without pickle; use joblib (trusted files only)."
@@ -319,18 +319,13 @@ def _check(config, arrays, path):
     if config["extractor"] is not None:
         _require(config["extractor"], ("params", "layers", "resize_shape"), "extractor", path)
         _require(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
-    if config.get("tiled") is not None:
-        tiled = config["tiled"]
-        _require(tiled, ("params", "fitted"), "tiled", path)
-        _require(tiled["params"], _TILED_PARAMS, "tiled params", path)
-        _require(tiled["fitted"], _TILED_FITTED_KEYS, "tiled fitted", path)
-        template = tiled["params"]["detector"]
-        if template is not None:
-            _require(template, ("detector", "extractor"), "tiled detector", path)
-            _require(template["detector"], [k for k in _DETECTOR_PARAMS if k not in _DETECTOR_PARAM_FALLBACKS],
-                     "tiled detector", path)  # fmt: skip
-            if template["extractor"] is not None:
-                _require(template["extractor"], _EXTRACTOR_PARAMS, "tiled detector extractor", path)
+    if (config.get("tiled") is not None) != (version >= 3):
+        raise ModelFileError(
+            f"{str(path)!r}: format version {version} "
+            + ("needs a 'tiled' section." if version >= 3 else "cannot hold a 'tiled' section.")
+        )
+    if version >= 3:
+        _check_tiled(config["tiled"], path)
     if "channel_indices" not in arrays:
         raise ModelFileError(f"{str(path)!r}: the array 'channel_indices' is missing.")
     fitted = config["fitted"]
@@ -354,6 +349,45 @@ def _check(config, arrays, path):
     idx = arrays["channel_indices"]
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+
+
+def _check_tiled(tiled, path):
+    """The "tiled" section: its entries present, of the right types and only those
+    a detector takes, so that a hand-edited file fails here and not while scoring."""
+    _require(tiled, ("params", "fitted"), "tiled", path)
+    _require(tiled["params"], _TILED_PARAMS, "tiled params", path)
+    _require(tiled["fitted"], _TILED_FITTED_KEYS, "tiled fitted", path)
+    fitted = tiled["fitted"]
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+    window = fitted["window"]
+    if not (isinstance(window, list) and len(window) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in window)):
+        raise ModelFileError(f"{str(path)!r}: the tiled window {window!r} is not two sides of 16 pixels or more.")
+    if not (number(fitted["scale"]) and fitted["scale"] > 0):
+        raise ModelFileError(f"{str(path)!r}: the tiled scale {fitted['scale']!r} is not a positive number.")
+    n_windows = fitted["n_windows"]
+    if not (isinstance(n_windows, int) and not isinstance(n_windows, bool) and n_windows >= 2):
+        raise ModelFileError(f"{str(path)!r}: the tiled n_windows {n_windows!r} is not a count of 2 or more.")
+    if not number(fitted["offset"]):
+        raise ModelFileError(f"{str(path)!r}: the tiled offset {fitted['offset']!r} is not a number.")
+    template = tiled["params"]["detector"]
+    if template is not None:
+        _require(template, ("detector", "extractor"), "tiled detector", path)
+        _require(template["detector"], [k for k in _DETECTOR_PARAMS if k not in _DETECTOR_PARAM_FALLBACKS],
+                 "tiled detector", path)  # fmt: skip
+        sections = [("tiled detector", template["detector"], _DETECTOR_PARAMS)]
+        if template["extractor"] is not None:
+            _require(template["extractor"], _EXTRACTOR_PARAMS, "tiled detector extractor", path)
+            sections.append(("tiled detector extractor", template["extractor"], _EXTRACTOR_PARAMS))
+        for name, section, known in sections:
+            unknown = sorted(set(section) - set(known))
+            if unknown:
+                raise ModelFileError(
+                    f"{str(path)!r}: the {name!r} section holds unknown entries {', '.join(unknown)}."
+                )
 
 
 def _require(section, keys, name, path):

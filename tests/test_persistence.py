@@ -256,6 +256,13 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
         save(tiled, tmp_path / "x.npz")
     with pytest.raises(ValueError, match="fitted"):
         save(TiledDetector(), tmp_path / "x.npz")
+    # A rebuildable fitted detector, but a template that is not.
+    tiled = TiledDetector(PatchGaussianDetector(TorchvisionExtractor("resnet18", weights=None, image_size=32),
+                                                n_features=4), short_side=32, window=(32, 32))
+    tiled.fit(textured_images(5))
+    tiled.set_params(detector=PatchGaussianDetector(ext))
+    with pytest.raises(TypeError, match="joblib"):
+        save(tiled, tmp_path / "x.npz")
 
 
 def _mixed_sizes(seed):
@@ -302,6 +309,45 @@ def test_tiled_detector_with_default_detector_round_trip(tmp_path):
     loaded = load(save(det, tmp_path / "t.npz"))
     assert loaded.detector is None and loaded.window == "auto"
     np.testing.assert_array_equal(loaded.score_samples(X[:2]), det.score_samples(X[:2]))
+
+
+def _set_tiled(key, value):
+    def mutate(arrays, config):
+        config["tiled"]["fitted"][key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("model, mutate, message", [
+    ("fitted_tiled", _set_tiled("window", 5), "tiled window 5 is not two sides"),
+    ("fitted_tiled", _set_tiled("window", [32]), "tiled window .32. is not two sides"),
+    ("fitted_tiled", _set_tiled("window", [32, 8]), "tiled window .* is not two sides"),
+    ("fitted_tiled", _set_tiled("scale", "x"), "tiled scale 'x' is not a positive number"),
+    ("fitted_tiled", _set_tiled("scale", -1.0), "tiled scale -1.0 is not a positive number"),
+    ("fitted_tiled", _set_tiled("n_windows", True), "tiled n_windows True is not a count"),
+    ("fitted_tiled", _set_tiled("offset", None), "tiled offset None is not a number"),
+    ("fitted_tiled", lambda a, c: c["tiled"]["params"]["detector"]["detector"].__setitem__("bogus", 1),
+     "'tiled detector' section holds unknown entries bogus"),
+    ("fitted_tiled", lambda a, c: c["tiled"]["params"]["detector"]["extractor"].__setitem__("x", 1),
+     "'tiled detector extractor' section holds unknown entries x"),
+    ("fitted_tiled", lambda a, c: c.__setitem__("format_version", 2), "version 2 cannot hold a 'tiled'"),
+    ("fitted_emb", lambda a, c: c.__setitem__("format_version", 3), "version 3 needs a 'tiled' section"),
+])
+def test_invalid_tiled_entries_are_refused(request, tmp_path, model, mutate, message):
+    path = save(request.getfixturevalue(model)[0], tmp_path / "m.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
+def test_tiled_window_of_numpy_ints_is_saved(tmp_path):
+    from conftest import textured_images
+
+    inner = PatchGaussianDetector(TorchvisionExtractor("resnet18", weights=None), n_features=4)
+    det = TiledDetector(inner, short_side=32, window=[np.int64(32), np.int64(32)]).fit(textured_images(4))
+    loaded = load(save(det, tmp_path / "t.npz"))
+    assert loaded.window == (32, 32)
+    np.testing.assert_array_equal(loaded.score_samples(textured_images(2, seed=1)),
+                                  det.score_samples(textured_images(2, seed=1)))
 
 
 def test_tampered_tiled_description_is_detected(fitted_tiled, tmp_path):
