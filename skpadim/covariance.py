@@ -766,7 +766,8 @@ def _inverse_diagonal_blocks(L, block, halves=None, out=None):
         a = min(half, e - k)  # rows of the first half
         # Zeros where nothing is written below (above the diagonal, padding),
         # slice by slice: a zero-filled buffer would write every block twice.
-        out[:, i, :half].zero_()
+        out[:, i, :half, a:].zero_()
+        out[:, i, a:half, :a].zero_()
         out[:, i, e - k :].zero_()
         out[:, i, half:, half + max(e - k - half, 0) :].zero_()
         out[:, i, :a, :a] = halves[:, 2 * i, :a, :a]
