@@ -60,7 +60,7 @@ _GPU_SCALE = 64
 _GPU_FINALIZE_BYTES = 1 * 2**30
 # Bound on the images transposed at once (bytes): the samples one accumulating
 # product sums over. A batch of the detector fits (32 images of 550 channels on a
-# 56 x 56 grid: 221 MiB), and larger calls are split so the temporary stays bounded
+# 56 x 56 grid: 221 MB), and larger calls are split so the temporary stays bounded
 # however many images one call brings.
 _TRANSPOSE_BYTES = 256 * 2**20
 # Scatter matrices wider than twice this are accumulated in row blocks of this

@@ -630,7 +630,7 @@ class _RecentEmbeddings:
 
 
 # A traced truncated backbone holds up to a few hundred MB (wide_resnet50_2):
-# keep few. Embeddings: 256 MB holds about 110 EfficientNet-Lite0 images at 224 px.
+# keep few. Embeddings: 256 MiB holds about 120 EfficientNet-Lite0 images at 224 px.
 _TRACED = _TracedBackbones(max_entries=4)
 # torch.fx traces by patching torch.nn.Module for the whole process: one trace at a
 # time, and a thread that waits for another's trace of the same backbone copies it.
