@@ -13,8 +13,9 @@ Examples (from the repository root)::
     python benchmarks/mvtec.py --root ../shared/data/magnetic_tile
     # MVTec AD, paper recipe (needs the ResNet-18 ImageNet state dict)
     python benchmarks/mvtec.py --root /data/mvtec_ad --backbone resnet18 \\
-        --weights /path/to/resnet18-f37072fd.pth --n-features 100 --shrinkage 0.01
-    # the built-in synthetic textures, no data needed
+        --weights /path/to/resnet18-f37072fd.pth --n-features 100 --shrinkage 0.01 \\
+        --pooling 1 --image-score max
+    # the built-in real-texture set, no data needed
     python benchmarks/mvtec.py --textures
 """
 
@@ -149,6 +150,7 @@ def worker(cfg):
         extractor,
         n_features=cfg["n_features"],
         shrinkage=cfg["shrinkage"],
+        **{k: cfg[k] for k in ("pooling", "image_score") if cfg.get(k) is not None},
         batch_size=cfg["batch_size"],
         device=cfg["device"],
         random_state=cfg["seed"],
@@ -229,6 +231,14 @@ def parse_args(argv=None):
         default="ledoit-wolf",
         help="'ledoit-wolf' (default) or a fixed eps added to the covariance diagonal (paper: 0.01)",
     )
+    p.add_argument(
+        "--pooling", type=int,
+        help="neighbourhood pooling of the embeddings (default: the detector's, 3; paper: 1)",
+    )
+    p.add_argument(
+        "--image-score",
+        help="'max' (paper) or the top fraction of the map averaged (default: the detector's, 0.01)",
+    )
     p.add_argument("--image-size", type=int, default=224, help="resize side (default: 224)")
     p.add_argument("--crop-size", type=int, help="centre crop after the resize (paper: 256 then 224)")
     p.add_argument(
@@ -278,6 +288,10 @@ def run_name(args, dataset, n_features, shrinkage):
     ]  # fmt: skip
     if args.crop_size:
         parts.append(f"crop{args.crop_size}")
+    if args.pooling is not None:
+        parts.append(f"pool{args.pooling}")
+    if args.image_score is not None:
+        parts.append(f"score-{args.image_score}")
     if args.max_train:
         parts.append(f"train{args.max_train}")
     if args.max_test:
@@ -318,6 +332,9 @@ def main(argv=None):
     threads = args.threads or torch.get_num_threads()
     n_features = args.n_features or DEFAULT_N_FEATURES[args.backbone]
     shrinkage = args.shrinkage if args.shrinkage == "ledoit-wolf" else float(args.shrinkage)
+    image_score = args.image_score
+    if image_score is not None and image_score != "max":
+        image_score = float(image_score)
     env = common.environment(threads, args.device)
     common.print_environment(env)
 
@@ -349,6 +366,7 @@ def main(argv=None):
                 "category": name, "category_dir": str(folder), "backbone": args.backbone,
                 "weights": args.weights, "layers": args.layers, "n_features": n_features,
                 "shrinkage": shrinkage, "image_size": args.image_size, "crop_size": args.crop_size,
+                "pooling": args.pooling, "image_score": image_score,
                 "max_train": args.max_train, "max_test": args.max_test, "device": args.device,
                 "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
             }  # fmt: skip
