@@ -27,7 +27,7 @@ import torch
 from sklearn.model_selection import GridSearchCV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402,F401  (puts this checkout on sys.path)
+import _common  # noqa: E402  (also puts this checkout on sys.path)
 from skpadim import PatchGaussianDetector, TorchvisionExtractor
 from skpadim.datasets import load_images, load_mvtec, make_textures
 from skpadim.metrics import image_auroc_scorer
@@ -104,7 +104,8 @@ def main(argv=None):
            "same_scores": same_scores, "dataset": dataset,
            "n_images": len(X), "n_defective": int(np.sum(y)),
            "image_size": args.image_size, "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+           "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+           "config": vars(args), "environment": _common.environment()}
     stem = "grid_cache" if args.root is None and args.texture == "brick" else f"grid_cache_{dataset}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2, default=str))
     with open(RESULTS / f"{stem}.csv", "w") as f:
