@@ -72,6 +72,12 @@ _ROW_BLOCK = 64
 # large enough for the batched products of the blocked Cholesky to be efficient
 # (100 matrices of 550 channels factorise 1.7x faster per matrix than 13 do).
 _SCATTER_CHUNK_BYTES = 64 * 2**20
+# With Ledoit-Wolf, the least average variance a position's covariance may have,
+# as a fraction of the average over the grid. A region that never varies in
+# training (a black background, padding) has a zero covariance, which the
+# shrinkage cannot lift: it shrinks towards the region's own (zero) scale, and
+# the tiniest change there would be an enormous distance.
+_VARIANCE_FLOOR = 1e-2
 
 
 class _ScatterBlocks:
@@ -201,6 +207,12 @@ class _ScatterBlocks:
                 S[at : at + b - a, r0:r1, :r1] = B[a:b]
             at += b - a
         return S, True
+
+    def diagonals(self, j):
+        """The diagonals ``(m, C)`` of chunk ``j``'s matrices."""
+        return torch.cat(
+            [torch.diagonal(B[:, :, r0:r1], dim1=1, dim2=2) for r0, r1, B in self.blocks(j)], dim=1
+        )
 
     def release(self, j):
         """Free the statistics of chunk ``j``."""
@@ -380,6 +392,17 @@ class _Moments:
                         self.t[start:stop] += torch.bmm(sq[:, None, :], Yp)[:, 0]
                         self.q[start:stop] += sq.square().sum(dim=1)
         self.n += n
+
+    def mean_variance(self):
+        """The variance of a channel averaged over channels and positions (float)."""
+        total = 0.0
+        for j, (start, stop) in enumerate(self.s2.chunks()):
+            n = self.sample_counts(slice(start, stop))
+            n = n[:, None] if isinstance(n, torch.Tensor) else n
+            d = self.s1[start:stop] / n
+            variances = self.s2.diagonals(j).to(torch.float64) / n - d * d
+            total += float(variances.clamp(min=0).mean(dim=1).sum())
+        return total / self.s1.shape[0]
 
     def sample_counts(self, idx):
         """Number of samples of positions ``idx``: ``n``, or a float64 tensor
@@ -841,7 +864,12 @@ class PatchCovariance(BaseEstimator):
     shrinkage : "ledoit-wolf" or float, default="ledoit-wolf"
         ``"ledoit-wolf"`` shrinks each position's maximum-likelihood covariance
         ``S`` towards ``mu * I`` by the Ledoit-Wolf coefficient, exactly as
-        :class:`sklearn.covariance.LedoitWolf` fitted on that position alone. A
+        :class:`sklearn.covariance.LedoitWolf` fitted on that position alone,
+        except at positions that barely vary in training: one whose average
+        variance (the trace of its covariance over ``C``) is below 1% of the
+        average over the grid gets a ridge that brings it to that 1%, so that a
+        region constant in every training image (a black background) does not
+        turn the slightest change there into an enormous distance. A
         float ``eps >= 0`` is the PaDiM paper's regularisation: the unbiased
         sample covariance plus ``eps * I`` (the paper uses 0.01).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
@@ -1089,6 +1117,9 @@ class PatchCovariance(BaseEstimator):
                 "shrinkage='ledoit-wolf' needs moments that were not gathered for a fixed "
                 "shrinkage; set shrinkage before the first partial_fit."
             )
+        # The ridge of near-constant positions is raised to the floor (see
+        # _VARIANCE_FLOOR); the others are exactly Ledoit-Wolf's.
+        floor = _VARIANCE_FLOOR * moments.mean_variance() if ledoit_wolf else 0.0
         scatter = moments.s2
         device = scatter.device
         out_dtype = torch.float64 if self.dtype == "float64" else torch.float32
@@ -1122,7 +1153,7 @@ class PatchCovariance(BaseEstimator):
                                  dtype=scatter.dtype)  # fmt: skip
         for sl in self._finalize_slices(scatter, step, consume):
             start = sl.start
-            mean, cov, s = self._shrunk_covariance(moments, sl, full=cov_out is not None)
+            mean, cov, s = self._shrunk_covariance(moments, sl, floor, full=cov_out is not None)
             location[sl] = mean.cpu()
             if s is not None:
                 shrink[sl] = s.cpu()
@@ -1141,7 +1172,7 @@ class PatchCovariance(BaseEstimator):
                 # diagonal jitter where even that fails. Before the factors are
                 # written: they may overwrite the scatter matrices.
                 at = idx + start
-                _, cov64, s64 = self._shrunk_covariance(moments, at, torch.float64, full=True)
+                _, cov64, s64 = self._shrunk_covariance(moments, at, floor, torch.float64, full=True)
                 if s64 is not None:
                     shrink[at.cpu()] = s64.cpu()
                 if cov_out is not None:
@@ -1186,12 +1217,15 @@ class PatchCovariance(BaseEstimator):
             if consume:
                 scatter.release(j)
 
-    def _shrunk_covariance(self, moments, idx, dtype=None, full=False):
+    def _shrunk_covariance(self, moments, idx, floor=0.0, dtype=None, full=False):
         """``(location, covariance, shrinkage)`` of positions ``idx``.
 
         The covariance is a new tensor in ``dtype`` (default: that of the
         scatter matrices) of which only the lower triangle is meaningful unless
-        ``full``; the shrinkage is None for a fixed ``eps``.
+        ``full``; the shrinkage is None for a fixed ``eps``. With Ledoit-Wolf,
+        the ridge of a position whose average variance ``mu`` is below
+        ``floor`` makes up the difference, so that the covariance's average
+        variance (its trace over C) is ``floor``.
         """
         n = moments.sample_counts(idx)
         mean, cov, terms = moments.centred(idx, dtype)
@@ -1201,7 +1235,8 @@ class PatchCovariance(BaseEstimator):
             s = _ledoit_wolf_shrinkage(n, c, tr, fro2, q)
             # (1 - s) * m2 / n + s * mu * I with mu = tr / (n c), in place.
             cov.mul_(((1 - s) / n).to(cov.dtype)[:, None, None])
-            ridge = (s * tr / (n * c)).to(cov.dtype)[:, None]
+            mu = tr / (n * c)
+            ridge = (s * mu + (floor - mu).clamp(min=0)).to(cov.dtype)[:, None]
         else:
             s = None
             cov.div_((n - 1).to(cov.dtype)[:, None, None] if isinstance(n, torch.Tensor) else n - 1)

@@ -633,11 +633,21 @@ def test_patch_mask_reference_ignores_left_out_outliers(monkeypatch, blocks, dty
         np.testing.assert_allclose(L @ L.T, covariance, rtol=0, atol=tol * scale)
 
 
+def _variance_floor(X, mask=None):
+    """The Ledoit-Wolf ridge floor, by NumPy: 1% of the channels' (biased)
+    variance averaged over channels and positions, each on its kept samples."""
+    mask = np.ones((len(X), *X.shape[2:]), dtype=bool) if mask is None else mask
+    kept = mask.reshape(len(X), -1)
+    return 0.01 * np.mean([samples[kept[:, p]].var(axis=0).mean()
+                           for p, samples in enumerate(_per_position(X))])
+
+
 @pytest.mark.filterwarnings("ignore:Only one sample")  # scikit-learn, on that position
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_single_kept_patch_with_ledoit_wolf_equals_a_one_image_fit(monkeypatch, dtype):
-    # One patch is enough for Ledoit-Wolf: its scatter is exactly zero, as in an
-    # unmasked fit of that one image, whatever came before it in the batch.
+def test_single_kept_patch_with_ledoit_wolf_gets_the_variance_floor(monkeypatch, dtype):
+    # One patch is enough for Ledoit-Wolf: its scatter is exactly zero, whatever
+    # came before it in the batch, so its covariance is the floor's ridge alone,
+    # centred on that patch; the other positions are scikit-learn's.
     for seed in range(20):
         rng = np.random.RandomState(seed)
         X = (rng.randn(6, 4, 2, 3) * 10.0 ** rng.randint(-3, 4) + rng.choice([0, 5, 1e3]))
@@ -649,13 +659,40 @@ def test_single_kept_patch_with_ledoit_wolf_equals_a_one_image_fit(monkeypatch, 
         monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 2**20 if seed % 2 else 1)
         est = PatchCovariance(dtype=dtype).fit(X, patch_mask=mask)
         one = PatchCovariance(dtype=dtype).fit(X[k : k + 1])
-        for name in ("location_", "covariance_", "cholesky_"):
-            np.testing.assert_array_equal(getattr(est, name)[0], getattr(one, name)[0])
+        np.testing.assert_array_equal(est.location_[0], one.location_[0])
+        floor = _variance_floor(X, mask)
+        np.testing.assert_allclose(est.covariance_[0], floor * np.eye(4), rtol=1e-5, atol=0)
+        np.testing.assert_allclose(est.cholesky_[0], np.sqrt(floor) * np.eye(4), rtol=1e-5, atol=0)
         for p, (location, covariance) in enumerate(_masked_reference(X, mask, "ledoit-wolf")):
             np.testing.assert_allclose(est.location_[p], location, rtol=1e-6, atol=1e-6)
             if p:
                 np.testing.assert_allclose(est.covariance_[p], covariance, rtol=1e-4,
                                            atol=1e-6 * np.abs(covariance).max())
+
+
+@pytest.mark.parametrize("layout", ["whole", "block-triangular"])
+def test_constant_positions_get_a_ridge_from_the_grid_s_variance(layout, request):
+    # A region that never varies in training (a black background) has a zero
+    # covariance, which Ledoit-Wolf cannot lift; its ridge comes from the average
+    # variance of the grid instead of a jitter of arbitrary scale, and the other
+    # positions stay exactly scikit-learn's.
+    if layout == "block-triangular":
+        request.getfixturevalue("small_blocks")
+    X = _embeddings(n=30, mean=3.0, seed=31)
+    X[:, :, 0, :2] = 7.0  # two constant positions
+    est = PatchCovariance(dtype="float64").fit(X)
+    floor = _variance_floor(X)
+    for p, samples in enumerate(_per_position(X)):
+        if p < 2:
+            np.testing.assert_allclose(est.covariance_[p], floor * np.eye(6), rtol=1e-12, atol=0)
+        else:
+            np.testing.assert_allclose(est.covariance_[p], LedoitWolf().fit(samples).covariance_,
+                                       rtol=1e-10, atol=1e-12)
+    # A small change there is a proportionate distance: |delta|^2 / floor.
+    Y = _embeddings(n=2, mean=3.0, seed=32)
+    Y[:, :, 0, :2] = 7.0 + 1e-3
+    d = est.mahalanobis(Y)
+    np.testing.assert_allclose(d[:, 0, :2] ** 2, 6 * 1e-6 / floor, rtol=1e-6)
 
 
 def test_partial_fit_validates_parameters_on_every_call():
