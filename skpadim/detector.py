@@ -255,6 +255,8 @@ def _take_images(X, keep):
         X = X.take_rows(keep)
     elif isinstance(X, (np.ndarray, torch.Tensor)):
         X = X[keep]
+    elif hasattr(X, "iloc"):  # pandas: by position, whatever the index's labels
+        X = list(X.iloc[keep])
     else:
         X = [X[i] for i in keep]
     return X

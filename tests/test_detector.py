@@ -596,6 +596,25 @@ def test_fit_predict_uses_the_labels_as_fit_does(tiny_extractor, normal_images, 
     assert not np.array_equal(clone(det).fit_predict(X, y), clone(det).fit_predict(X))
 
 
+@pytest.mark.parametrize("trim", [0.0, 0.25])
+def test_a_pandas_series_is_taken_by_position_whatever_its_index(tiny_extractor, normal_images,
+                                                                 test_images, trim):
+    # As a shuffled frame's column (df.sample) or a GridSearchCV fold (.iloc)
+    # comes: the index's labels are not positions.
+    import pandas as pd
+    X = np.concatenate([normal_images[:8], test_images[4:]])
+    y = np.r_[np.zeros(8), np.ones(4)]
+    order = np.random.RandomState(3).permutation(len(X))
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, trim=trim, random_state=0)
+    reference = clone(det).fit(list(X[order]), y[order])
+    for index in (order, order + 100):
+        fitted = clone(det).fit(pd.Series(list(X[order]), index=index), pd.Series(y[order], index=index))
+        np.testing.assert_array_equal(fitted.gaussian_.location_, reference.gaussian_.location_)
+        np.testing.assert_array_equal(fitted.trimmed_indices_, reference.trimmed_indices_)
+    # The fit left the four defective images out.
+    assert reference.gaussian_.n_samples_seen_ == 8 - int(np.floor(trim * 8))
+
+
 def test_nested_parameters_of_the_default_extractor_are_refused_clearly(tiny_extractor):
     with pytest.raises(ValueError, match=r"feature_extractor__image_size.*TorchvisionExtractor\(\.\.\.\)"):
         PatchGaussianDetector().set_params(feature_extractor__image_size=64)
