@@ -612,8 +612,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             is read twice (statistics, then the threshold), so it must be a
             sequence, not a one-shot iterator.
         y : array-like of shape (n_images,), masks, or None, default=None
-            Optional labels: 0 normal / 1 anomalous, or scikit-learn's outlier
-            convention +1 normal / -1 anomalous (taken when y holds no 0), or
+            Optional labels: 0 normal / 1 anomalous (False / True for
+            booleans), or scikit-learn's outlier convention +1 normal / -1
+            anomalous (taken when integer labels hold no 0), or
             ground-truth masks (an empty mask meaning normal). When given, only the normal images are
             fitted on and the others are left out, so that a cross-validation
             or the final refit of a :class:`~sklearn.model_selection.GridSearchCV`

@@ -400,15 +400,16 @@ def _image_labels(y):
 def _normal_flags(y):
     """Boolean "is normal" per image.
 
-    Masks: an empty mask is normal. Labels: 0 is normal when y holds a 0;
-    otherwise y follows scikit-learn's outlier convention, +1 normal and -1
-    anomalous (a training fold of that convention holds only +1).
+    Masks: an empty mask is normal. Booleans: False is normal (True =
+    anomalous, as the metrics read them). Other labels: 0 is normal when y
+    holds a 0; otherwise y follows scikit-learn's outlier convention, +1 normal
+    and -1 anomalous (a training fold of that convention holds only +1).
     """
     is_masks = (isinstance(y, (list, tuple)) and len(y) and np.ndim(y[0]) == 2) or np.ndim(y) == 3
     labels = _image_labels(y)
     if np.ndim(labels) != 1:
         raise ValueError(f"y must be 1-D labels or (n, H, W) masks, got shape {np.shape(labels)}.")
-    if is_masks or np.any(labels == 0):
+    if is_masks or labels.dtype == bool or np.any(labels == 0):
         normal = labels == 0
     else:
         normal = labels == 1

@@ -69,8 +69,9 @@ class NormalOnlyKFold(BaseCrossValidator):
         X : array-like or list of length n_samples
             The samples; only their number is used.
         y : array-like of shape (n_samples,), or masks
-            0 normal / 1 anomalous, or +1 normal / -1 anomalous (scikit-learn's
-            outlier convention, taken when y holds no 0); or the
+            0 normal / 1 anomalous (False / True for booleans), or +1 normal /
+            -1 anomalous (scikit-learn's outlier convention, taken when integer
+            labels hold no 0); or the
             ground-truth masks ``(n_samples, H, W)`` (or a list of 2-D masks) that
             the pixel-level scorers take as ``y``: a sample is normal when its mask
             is empty.

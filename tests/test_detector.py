@@ -639,6 +639,19 @@ def test_labels_other_than_0_1_or_plus_minus_1_are_refused(tiny_extractor, norma
         PatchGaussianDetector(tiny_extractor, n_features=8).fit(normal_images, y)
 
 
+def test_boolean_labels_read_true_as_anomalous(tiny_extractor, normal_images, test_images):
+    # As the metrics read them, even when every image is True (where integer
+    # labels without a 0 are scikit-learn's +1 = normal).
+    X = np.concatenate([normal_images[:8], test_images[4:]])
+    flags = np.r_[np.zeros(8, bool), np.ones(4, bool)]
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0)
+    np.testing.assert_array_equal(clone(det).fit(X, flags).gaussian_.location_,
+                                  clone(det).fit(X, flags.astype(int)).gaussian_.location_)
+    with pytest.raises(ValueError, match="at least 2 training images.*got 0"):
+        clone(det).fit(X[8:], np.ones(4, bool))
+    assert clone(det).fit(X[8:], np.ones(4, int)).gaussian_.n_samples_seen_ == 4
+
+
 @pytest.mark.parametrize("n, c", [(40, 6), (30, 12)])
 @pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.05])
 def test_leave_one_out_distances_match_refits_without_the_sample(n, c, shrinkage):
