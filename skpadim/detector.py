@@ -249,6 +249,17 @@ def _check_embedding_array(emb, n_images):
     return emb
 
 
+def _refuse_nested_params_of_none(estimator, params, name, default):
+    """Raise a clear error for ``<name>__<param>`` in ``params`` while the
+    sub-estimator ``name`` is None: its default instance is only built at fit."""
+    nested = [k for k in params if k.startswith(name + "__")]
+    if nested and getattr(estimator, name) is None and params.get(name) is None:
+        raise ValueError(
+            f"Cannot set {nested[0]}: {name} is None (the default is only built at "
+            f"fit). Pass {name}={default}(...) to set or search its parameters."
+        )
+
+
 def _take_images(X, keep):
     """The images ``keep`` (indices) of X, whatever container X is."""
     if isinstance(X, PatchEmbeddings):
@@ -590,13 +601,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         self : PatchGaussianDetector
             This detector.
         """
-        nested = [k for k in params if k.startswith("feature_extractor__")]
-        if nested and self.feature_extractor is None and params.get("feature_extractor") is None:
-            raise ValueError(
-                f"Cannot set {nested[0]}: feature_extractor is None (the default "
-                "extractor is only built at fit). Pass feature_extractor="
-                "TorchvisionExtractor(...) to set or search its parameters."
-            )
+        _refuse_nested_params_of_none(self, params, "feature_extractor", "TorchvisionExtractor")
         return super().set_params(**params)
 
     # -- fit -------------------------------------------------------------------

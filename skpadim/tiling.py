@@ -22,7 +22,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._images import ValidatedImages, image_shapes, images_per_batch, iter_image_batches
 from .detector import (PatchGaussianDetector, _image_scores_from_maps, _ImageOutlierDetector,
-                       _normal_training_images, _to_image_resolution)
+                       _normal_training_images, _refuse_nested_params_of_none,
+                       _to_image_resolution)
 from .feature_extraction import TorchvisionExtractor, _auto_size_of_shapes
 
 __all__ = ["TiledDetector"]
@@ -221,6 +222,23 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         self.detector = detector
         self.short_side = short_side
         self.window = window
+
+    def set_params(self, **params):
+        """Set the parameters of this detector, and of the detector it wraps.
+
+        Parameters
+        ----------
+        **params : dict
+            Its own parameters, and ``detector__<name>`` (or, deeper,
+            ``detector__feature_extractor__<name>``) for those of ``detector``.
+
+        Returns
+        -------
+        self : TiledDetector
+            This detector.
+        """
+        _refuse_nested_params_of_none(self, params, "detector", "PatchGaussianDetector")
+        return super().set_params(**params)
 
     def fit(self, X, y=None):
         """Fit the detector on the windows of images of normal parts.

@@ -14,7 +14,8 @@ from sklearn.exceptions import NotFittedError
 
 import skpadim._images
 import skpadim.detector
-from skpadim import PatchCovariance, PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
+from skpadim import (PatchCovariance, PatchEmbeddings, PatchGaussianDetector, TiledDetector,
+                     TorchvisionExtractor)
 from skpadim.detector import _gaussian_blur, _upsample_and_blur
 
 
@@ -618,6 +619,10 @@ def test_a_pandas_series_is_taken_by_position_whatever_its_index(tiny_extractor,
 def test_nested_parameters_of_the_default_extractor_are_refused_clearly(tiny_extractor):
     with pytest.raises(ValueError, match=r"feature_extractor__image_size.*TorchvisionExtractor\(\.\.\.\)"):
         PatchGaussianDetector().set_params(feature_extractor__image_size=64)
+    with pytest.raises(ValueError, match=r"detector__n_features.*PatchGaussianDetector\(\.\.\.\)"):
+        TiledDetector().set_params(detector__n_features=5)
+    tiled = TiledDetector().set_params(detector=PatchGaussianDetector(), detector__n_features=5)
+    assert tiled.detector.n_features == 5
     det = PatchGaussianDetector().set_params(feature_extractor=tiny_extractor, feature_extractor__image_size=48)
     assert det.feature_extractor.image_size == 48
 
