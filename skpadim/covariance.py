@@ -1048,6 +1048,11 @@ class PatchCovariance(BaseEstimator):
             )
         # Every call, as scikit-learn does: set_params may have come in between.
         self._validate_params()
+        if not first and self._moments.s2.dtype != self._m2_dtype():
+            raise ValueError(
+                f"dtype={self.dtype!r} differs from the precision of the statistics "
+                "gathered so far; set dtype before the first partial_fit."
+            )
         self._release_device_memory()
         X = self._check_embeddings(X, reset=first)
         mask = _check_patch_mask(patch_mask, X)

@@ -865,10 +865,16 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     def _pair(size, what):
         if isinstance(size, (int, np.integer)):
             return (int(size), int(size))
-        size = tuple(int(s) for s in size)
-        if len(size) != 2 or min(size) < 16:
-            raise ValueError(f"{what} must be an int or a pair (H, W) of ints >= 16, got {size}.")
-        return size
+        # Checked before converting: int() would truncate 32.7, or fail on "a"
+        # with a message that names neither the parameter nor the rule.
+        if len(size) != 2 or not all(
+            isinstance(s, (numbers.Integral, np.integer)) and not isinstance(s, bool) and s >= 16
+            for s in size
+        ):
+            raise ValueError(
+                f"{what} must be an int or a pair (H, W) of ints >= 16, got {tuple(size)!r}."
+            )
+        return tuple(int(s) for s in size)
 
     def fit(self, X=None, y=None):
         """Load the backbone and truncate it to the requested layers.

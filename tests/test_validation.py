@@ -199,6 +199,13 @@ def test_extractor_parameter_errors():
         TorchvisionExtractor(weights=None, image_size=32, crop_size=64).fit()
     with pytest.raises(ValueError, match="image_size"):
         TorchvisionExtractor(weights=None, image_size=8).fit()
+    # A pair is not truncated or converted: its entries must be ints already.
+    for bad in ((32.7, 40.2), ("a", "b"), (True, 32), (32, 40, 48)):
+        with pytest.raises(ValueError, match=r"image_size must be an int or a pair \(H, W\) of ints"):
+            TorchvisionExtractor(weights=None, image_size=bad).fit()
+    with pytest.raises(ValueError, match=r"crop_size must be an int or a pair"):
+        TorchvisionExtractor(weights=None, image_size=32, crop_size=(20.9, 20.9)).fit()
+    assert TorchvisionExtractor(weights=None, image_size=(np.int64(32), 48)).fit().resize_shape_ == (32, 48)
 
 
 def test_local_state_dict_is_loaded(tmp_path):
@@ -340,7 +347,11 @@ def test_failed_partial_fit_keeps_statistics():
     with pytest.raises(ValueError, match="NaN or infinite"):
         est.partial_fit(bad)
     np.testing.assert_array_equal(est.covariance_, before)
-    est.partial_fit(X[10:])
+    # Nor does a precision changed between batches.
+    with pytest.raises(ValueError, match="dtype='float64' differs .* before the first partial_fit"):
+        est.set_params(dtype="float64").partial_fit(X[10:])
+    np.testing.assert_array_equal(est.covariance_, before)
+    est.set_params(dtype="float32").partial_fit(X[10:])
     np.testing.assert_allclose(est.covariance_, PatchCovariance().fit(X).covariance_, rtol=1e-5)
 
 
