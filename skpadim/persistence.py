@@ -183,6 +183,11 @@ def save(model, path):
     arrays["config"] = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
 
     path = Path(path)
+    # Named here: the temporary file's error would name the temporary file.
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"Cannot save to {path}: the folder {path.parent} does not exist.")
+    if path.is_dir():
+        raise IsADirectoryError(f"Cannot save to {path}: it is a folder; give a file name.")
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:

@@ -223,6 +223,16 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(fitted_lite, tmp_path,
     assert zipfile.is_zipfile(path)
 
 
+def test_save_names_a_missing_folder_or_a_folder_given_as_file(fitted_emb, tmp_path):
+    det = fitted_emb[0]
+    with pytest.raises(FileNotFoundError, match=r"the folder .*nowhere does not exist"):
+        save(det, tmp_path / "nowhere" / "m.npz")
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        save(det, tmp_path / "dir.npz")
+    assert sorted(os.listdir(tmp_path)) == ["dir.npz"]  # nothing written
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows has no POSIX permission bits")
 def test_save_gives_default_permissions_and_keeps_replaced_ones(fitted_emb, tmp_path):
     det = fitted_emb[0]
