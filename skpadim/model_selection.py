@@ -12,6 +12,7 @@ holds its share of both classes; pass it as ``cv=`` to
 """
 
 import numbers
+import warnings
 
 import numpy as np
 from sklearn.model_selection import BaseCrossValidator
@@ -57,6 +58,12 @@ class NormalOnlyKFold(BaseCrossValidator):
             raise ValueError(f"n_splits must be an integer >= 2, got {n_splits!r}.")
         if not isinstance(shuffle, (bool, np.bool_)):
             raise TypeError(f"shuffle must be True or False, got {shuffle!r}.")
+        if not shuffle and random_state is not None:
+            # As KFold: a seed without shuffling would suggest randomness there is not.
+            raise ValueError(
+                "Setting a random_state has no effect since shuffle is False. Leave "
+                "random_state at None, or set shuffle=True."
+            )
         self.n_splits = n_splits
         self.shuffle = shuffle
         self.random_state = random_state
@@ -96,6 +103,15 @@ class NormalOnlyKFold(BaseCrossValidator):
             raise ValueError(
                 f"n_splits={self.n_splits} needs at least that many normal samples; "
                 f"got {len(normal)}."
+            )
+        if 0 < len(anomalous) < self.n_splits:
+            # As StratifiedKFold warns of a class smaller than n_splits: some
+            # test folds have no anomaly, and an AUROC cannot be computed on them.
+            warnings.warn(
+                f"Only {len(anomalous)} anomalous samples for n_splits={self.n_splits}: "
+                f"{self.n_splits - len(anomalous)} test folds have none, so image-level "
+                "scores such as the AUROC cannot be computed on them.",
+                UserWarning,
             )
         rng = check_random_state(self.random_state)
         if self.shuffle:

@@ -4,6 +4,7 @@ import doctest
 import inspect
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -54,6 +55,19 @@ def test_normal_only_kfold_keeps_anomalies_out_of_training():
         list(NormalOnlyKFold(2).split(np.zeros(4), None))
     with pytest.raises(ValueError, match="n_splits"):
         NormalOnlyKFold(1)
+    with pytest.raises(ValueError, match="no effect since shuffle is False"):
+        NormalOnlyKFold(3, random_state=0)  # as KFold
+
+
+def test_normal_only_kfold_warns_of_test_folds_without_anomalies():
+    y = np.array([0] * 7 + [1] * 3)
+    with pytest.warns(UserWarning, match="Only 3 anomalous samples for n_splits=5: 2 test folds"):
+        folds = list(NormalOnlyKFold(5).split(np.zeros(10), y))
+    assert sum((y[test] == 1).any() for _, test in folds) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(NormalOnlyKFold(3).split(np.zeros(10), y))  # one anomaly per fold
+        list(NormalOnlyKFold(5).split(np.zeros(10), np.zeros(10)))  # no anomalies at all
 
 
 @pytest.mark.parametrize("composition", ["pipeline", "nested"])
