@@ -24,7 +24,7 @@ from ._images import ValidatedImages, image_shapes, images_per_batch, iter_image
 from .detector import (PatchGaussianDetector, _image_scores_from_maps, _ImageOutlierDetector,
                        _normal_training_images, _refuse_nested_params_of_none,
                        _to_image_resolution)
-from .feature_extraction import TorchvisionExtractor, _auto_size_of_shapes
+from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _auto_size_of_shapes
 
 __all__ = ["TiledDetector"]
 
@@ -100,6 +100,16 @@ def _check_window(window):
     ):
         raise ValueError(f"window must be \"auto\" or a pair (H, W) of ints >= 16; got {window!r}.")
     return tuple(int(v) for v in window)
+
+
+def _check_not_embeddings(X):
+    """Raise for PatchEmbeddings, which would otherwise be read as images."""
+    if isinstance(X, PatchEmbeddings):
+        raise TypeError(
+            "TiledDetector takes images, not PatchEmbeddings: it resizes the images and "
+            "cuts them into windows before its detector embeds them. Pass the images, or "
+            "use PatchGaussianDetector on embeddings."
+        )
 
 
 def _resized(amap, shape):
@@ -261,6 +271,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         self._validate_params()
         if hasattr(self, "detector_"):  # the previous model's copy on a GPU is not kept through a refit
             self.detector_.gaussian_._release_device_memory()
+        _check_not_embeddings(X)
         X, _ = _normal_training_images(X, y)
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
         detector._validate_params()  # its own errors first, named as its own
@@ -343,6 +354,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         windows, not of images (one large image can hold many).
         """
         check_is_fitted(self, "offset_")
+        _check_not_embeddings(X)
         per_batch = images_per_batch(self.detector_.batch_size, self.window_)
         layouts, windows, n_seen = [], ValidatedImages(), 0
         for (image,) in iter_image_batches(X, 1):
@@ -381,6 +393,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         """
         # Checked now, not at the first next(): a generator runs nothing until then.
         check_is_fitted(self, "offset_")
+        _check_not_embeddings(X)
         return (_resized(amap, shape).numpy() for amap, shape in self._iter_image_maps(X))
 
     def score_samples(self, X):

@@ -11,7 +11,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
-from skpadim import PatchGaussianDetector, TiledDetector
+from skpadim import PatchEmbeddings, PatchGaussianDetector, TiledDetector
 from skpadim.tiling import _Layout, _symmetric_indices, _window_starts
 
 from conftest import textured_images
@@ -198,6 +198,9 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         _tiled(tiny_extractor).fit(normal_images[:1])
     with pytest.raises(TypeError, match="one-shot iterator"):
         _tiled(tiny_extractor).fit(iter(normal_images))
+    embeddings = PatchEmbeddings(np.random.RandomState(0).rand(6, 4, 3, 3))
+    with pytest.raises(TypeError, match="takes images, not PatchEmbeddings"):
+        _tiled(tiny_extractor).fit(embeddings)
     with pytest.raises(NotFittedError):
         _tiled(tiny_extractor).score_samples(normal_images)
     with pytest.raises(NotFittedError):
@@ -205,6 +208,9 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
     det = _tiled(tiny_extractor).fit(normal_images)
     with pytest.raises(ValueError, match="got 0 images"):
         det.score_samples([])
+    for method in (det.score_samples, det.iter_anomaly_maps, det.predict):
+        with pytest.raises(TypeError, match="takes images, not PatchEmbeddings"):
+            method(embeddings)
     with pytest.raises(ValueError, match=r"X\[1\]"):
         det.score_samples([normal_images[0], np.full((32, 32, 3), np.nan)])
 
