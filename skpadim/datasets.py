@@ -613,6 +613,8 @@ def _categories_under(root):
 
 
 def _resolve_category_dir(root, category):
+    if category is not None and not isinstance(category, (str, os.PathLike)):
+        raise TypeError(f"category must be a folder name (str) or None, got {category!r}.")
     if not root.exists():
         raise FileNotFoundError(f"Data folder {str(root)!r} does not exist.")
     if not root.is_dir():
@@ -866,6 +868,9 @@ def load_images(paths, size=None):
     from PIL import Image
 
     paths = _check_paths(paths, "paths")
+    for i, path in enumerate(paths):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"paths[{i}] must be a path (str or path-like), got {path!r}.")
     size = _check_size(size)
     images = []
     for path in paths:
@@ -1036,6 +1041,11 @@ def load_mvtec_arrays(frame_or_root, category=None, split="test", size=None):
         frame = load_mvtec(frame_or_root, category=category)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    missing = [c for c in ("path", "split", "label", "mask_path") if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"The data frame lacks the column(s) {missing}; pass one as load_mvtec returns it."
+        )
     rows = frame[frame["split"] == split]
     X = load_images(rows["path"], size=size)
     y = rows["label"].to_numpy(dtype=np.int64)

@@ -90,6 +90,8 @@ def image_auroc(y_true, scores):
         raise ValueError(
             f"y_true has {len(y_true)} labels but scores has {len(scores)} values."
         )
+    if len(y_true) == 0:
+        raise ValueError("y_true and scores are empty; the AUROC needs images of both classes.")
     y_true = _check_binary(y_true, "y_true")
     scores = _check_finite(scores, "scores")
     n_pos = int(y_true.sum())
@@ -256,7 +258,7 @@ def aupro(masks, maps, max_fpr=0.3, num_thresholds=None):
     >>> round(aupro(masks, maps), 4)  # PRO rises from 0.5 to 0.65 at FPR 0.3
     0.575
     """
-    if not isinstance(max_fpr, numbers.Real) or not 0 < max_fpr <= 1:
+    if isinstance(max_fpr, bool) or not isinstance(max_fpr, numbers.Real) or not 0 < max_fpr <= 1:
         raise ValueError(f"max_fpr must be a float in (0, 1]; got {max_fpr!r}.")
     if num_thresholds is not None and (
         not isinstance(num_thresholds, numbers.Integral)

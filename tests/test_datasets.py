@@ -305,6 +305,8 @@ def test_load_mvtec_arrays_at_native_and_fixed_size(tmp_path):
         load_mvtec_arrays(root, split="val")
     with pytest.raises(ValueError, match="category"):
         load_mvtec_arrays(load_mvtec(root), category="cat")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['mask_path'\]"):
+        load_mvtec_arrays(load_mvtec(root).drop(columns="mask_path"))
 
 
 def test_load_mvtec_missing_root_and_category(tmp_path):
@@ -320,6 +322,8 @@ def test_load_mvtec_missing_root_and_category(tmp_path):
     # The data-set root given as if it were a category folder.
     with pytest.raises(FileNotFoundError, match="pass category="):
         load_mvtec(tmp_path)
+    with pytest.raises(TypeError, match="category must be a folder name"):
+        load_mvtec(tmp_path, 3)
 
 
 def test_load_mvtec_wrong_layout(tmp_path):
@@ -381,6 +385,8 @@ def test_load_images_unreadable_files(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_images([tmp_path / "missing.png"])
+    with pytest.raises(TypeError, match=r"paths\[1\] must be a path .* got None"):
+        load_images([full, None])
 
 
 def test_load_masks(tmp_path):

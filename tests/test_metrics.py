@@ -307,7 +307,7 @@ def test_non_binary_masks():
         pixel_auroc(masks, _noisy_maps(masks > 0))
 
 
-@pytest.mark.parametrize("kwargs", [{"max_fpr": 0}, {"max_fpr": 1.5}, {"num_thresholds": 1}])
+@pytest.mark.parametrize("kwargs", [{"max_fpr": 0}, {"max_fpr": 1.5}, {"max_fpr": True}, {"num_thresholds": 1}])
 def test_aupro_parameter_validation(kwargs):
     masks = _blob_masks()
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -328,6 +328,7 @@ def test_image_auroc():
     "y, scores, match",
     [
         ([0, 0, 0], [0.1, 0.2, 0.3], "only normal"),
+        ([], [], "are empty"),
         ([1, 1], [0.1, 0.2], "only anomalous"),
         ([0, 1, 1], [0.1, 0.2], "3 labels but scores has 2"),
         ([0, 1], [0.1, np.nan], "NaN"),
