@@ -154,9 +154,12 @@ def _batch_array_to_tensors(X, start):
     if X.ndim == 3:
         X = np.repeat(X[..., None], 3, axis=-1)
     if X.ndim != 4 or X.shape[-1] != 3:
+        # (n, C, h, w) embeddings lose their type to np.concatenate and the like.
+        hint = (" Patch embeddings (n, C, h, w) must come as PatchEmbeddings; wrap them "
+                "with skpadim.PatchEmbeddings(X)." if X.ndim == 4 else "")
         raise ValueError(
             "X: expected a numpy array of shape (n, H, W), (n, H, W, 1) or (n, H, W, 3), "
-            f"got shape {X.shape}."
+            f"got shape {X.shape}.{hint}"
         )
     where = f"X[{start}:{start + len(X)}]"
     if X.shape[1] == 0 or X.shape[2] == 0:

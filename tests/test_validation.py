@@ -78,6 +78,9 @@ def test_dtypes_and_ranges():
         _convert(np.zeros((1, 4, 4), bool))
     with pytest.raises(ValueError, match=r"torch tensor of shape \(n, 3, H, W\)"):
         _convert(torch.zeros(2, 4, 4, 3))
+    # Embeddings that lost their type (np.concatenate) are named as such.
+    with pytest.raises(ValueError, match=r"got shape \(2, 8, 4, 4\)\. Patch embeddings .* PatchEmbeddings"):
+        _convert(np.zeros((2, 8, 4, 4), np.float32))
 
 
 def test_more_dtypes_are_converted_or_named():
