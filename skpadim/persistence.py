@@ -262,6 +262,9 @@ def _contents(model):
             "params": {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS},
             "layers": list(extractor.layers_),
             "resize_shape": list(extractor.resize_shape_),
+            # The detector built it (feature_extractor=None): given back as None,
+            # so that get_params and a refit are as before.
+            "default": model.feature_extractor is None,
         }
         for key, tensor in extractor.model_.state_dict().items():
             arrays[f"backbone/{key}"] = tensor.detach().cpu().numpy()
@@ -477,7 +480,8 @@ def load(path):
     det = PatchGaussianDetector(**params)
     if config["extractor"] is not None:
         det.feature_extractor_ = _rebuild_extractor(config["extractor"], arrays, path)
-        det.set_params(feature_extractor=clone(det.feature_extractor_))
+        if not config["extractor"].get("default", False):
+            det.set_params(feature_extractor=clone(det.feature_extractor_))
     else:
         det.feature_extractor_ = None
     gaussian = PatchCovariance(

@@ -48,6 +48,18 @@ def test_round_trip_scores_identically(fitted_lite, tmp_path):
         assert all(archive[k].dtype != object for k in archive.files)
 
 
+def test_default_extractor_comes_back_as_none(tmp_path):
+    from conftest import textured_images
+
+    X = textured_images(4, size=48, seed=0)
+    det = PatchGaussianDetector(n_features=8, random_state=0).fit(X)
+    loaded = load(save(det, tmp_path / "m.npz"))
+    assert loaded.get_params()["feature_extractor"] is None
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    refit = clone(loaded).fit(X)  # builds the default extractor again, as the original did
+    np.testing.assert_array_equal(refit.score_samples(X), det.score_samples(X))
+
+
 def test_round_trip_on_embeddings(tmp_path):
     emb = PatchEmbeddings(np.random.RandomState(0).rand(12, 6, 3, 3).astype(np.float32))
     det = PatchGaussianDetector(n_features=4, shrinkage=0.01, random_state=0).fit(emb)
