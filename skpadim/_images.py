@@ -154,9 +154,16 @@ def _batch_array_to_tensors(X, start):
     if X.ndim == 3:
         X = np.repeat(X[..., None], 3, axis=-1)
     if X.ndim != 4 or X.shape[-1] != 3:
-        # (n, C, h, w) embeddings lose their type to np.concatenate and the like.
-        hint = (" Patch embeddings (n, C, h, w) must come as PatchEmbeddings; wrap them "
-                "with skpadim.PatchEmbeddings(X)." if X.ndim == 4 else "")
+        hint = ""
+        if X.ndim == 4 and X.shape[1] in (1, 3):
+            hint = (" Numpy images are channels-last: transpose to (n, H, W, 3), or pass a "
+                    "torch tensor (n, 3, H, W).")
+        elif X.ndim == 4 and X.shape[-1] == 4:
+            hint = " Images with an alpha channel (RGBA) must be converted to RGB."
+        elif X.ndim == 4:
+            # (n, C, h, w) embeddings lose their type to np.concatenate and the like.
+            hint = (" Patch embeddings (n, C, h, w) must come as PatchEmbeddings; wrap them "
+                    "with skpadim.PatchEmbeddings(X) (PatchGaussianDetector only).")
         raise ValueError(
             "X: expected a numpy array of shape (n, H, W), (n, H, W, 1) or (n, H, W, 3), "
             f"got shape {X.shape}.{hint}"

@@ -79,8 +79,12 @@ def test_dtypes_and_ranges():
     with pytest.raises(ValueError, match=r"torch tensor of shape \(n, 3, H, W\)"):
         _convert(torch.zeros(2, 4, 4, 3))
     # Embeddings that lost their type (np.concatenate) are named as such.
-    with pytest.raises(ValueError, match=r"got shape \(2, 8, 4, 4\)\. Patch embeddings .* PatchEmbeddings"):
-        _convert(np.zeros((2, 8, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(2, 8, 5, 6\)\. Patch embeddings .* PatchEmbeddings"):
+        _convert(np.zeros((2, 8, 5, 6), np.float32))
+    with pytest.raises(ValueError, match=r"channels-last: transpose to \(n, H, W, 3\)"):
+        _convert(np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"alpha channel \(RGBA\)"):
+        _convert(np.zeros((2, 8, 8, 4), np.uint8))
 
 
 def test_more_dtypes_are_converted_or_named():
