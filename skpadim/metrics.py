@@ -411,6 +411,8 @@ def _normal_flags(y):
     labels = _image_labels(y)
     if np.ndim(labels) != 1:
         raise ValueError(f"y must be 1-D labels or (n, H, W) masks, got shape {np.shape(labels)}.")
+    if labels.dtype == object and all(isinstance(v, (bool, np.bool_)) for v in labels):
+        labels = labels.astype(bool)  # a pandas column of booleans that once held None
     if is_masks or labels.dtype == bool or np.any(labels == 0):
         normal = labels == 0
     else:

@@ -652,8 +652,9 @@ def test_boolean_labels_read_true_as_anomalous(tiny_extractor, normal_images, te
     det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0)
     np.testing.assert_array_equal(clone(det).fit(X, flags).gaussian_.location_,
                                   clone(det).fit(X, flags.astype(int)).gaussian_.location_)
-    with pytest.raises(ValueError, match="at least 2 training images.*got 0"):
-        clone(det).fit(X[8:], np.ones(4, bool))
+    for all_true in (np.ones(4, bool), np.ones(4, bool).astype(object)):
+        with pytest.raises(ValueError, match="at least 2 training images.*got 0"):
+            clone(det).fit(X[8:], all_true)
     assert clone(det).fit(X[8:], np.ones(4, int)).gaussian_.n_samples_seen_ == 4
 
 
