@@ -869,7 +869,9 @@ class PatchCovariance(BaseEstimator):
         variance (the trace of its covariance over ``C``) is below 1% of the
         average over the grid gets a ridge that brings it to that 1%, so that a
         region constant in every training image (a black background) does not
-        turn the slightest change there into an enormous distance. A
+        turn the slightest change there into an enormous distance (when no
+        position varies at all, identical training images, there is no scale
+        to take it from, and a tiny jitter keeps the factors finite). A
         float ``eps >= 0`` is the PaDiM paper's regularisation: the unbiased
         sample covariance plus ``eps * I`` (the paper uses 0.01).
     device : {"auto", "cpu", "cuda", "cuda:N"} or torch.device, default="auto"
