@@ -67,9 +67,11 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     from .datasets import make_textures
     from .metrics import image_auroc, pixel_auroc
 
+    print(f"Per texture: fit the default detector on {n_train} good tiles of {image_size} px, "
+          f"then score {n_test} test tiles (about half with a painted defect).", file=stream)
     print(f"{'texture':<8} {'image AUROC':>11} {'pixel AUROC':>11} {'fit s':>7} {'score img/s':>11}",
-          file=stream)
-    results, rows = [], []
+          file=stream, flush=True)
+    results, rows, counts = [], [], set()
     for k, texture in enumerate(textures):
         data = make_textures(texture, n_train=n_train, n_test=n_test, image_size=image_size,
                              random_state=random_state + k)
@@ -90,16 +92,23 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
         }
         results.append(res)
         print(f"{texture:<8} {res['image_auroc']:>11.3f} {res['pixel_auroc']:>11.3f} "
-              f"{fit_s:>7.1f} {rate:>11.1f}", file=stream)
-        shown = np.flatnonzero(data.y_test == 1)[:4].tolist() + np.flatnonzero(data.y_test == 0)[:1].tolist()
+              f"{fit_s:>7.1f} {rate:>11.1f}", file=stream, flush=True)
+        defective = np.flatnonzero(data.y_test == 1)[:4].tolist()
+        good = np.flatnonzero(data.y_test == 0)[:1].tolist()
+        counts.add((len(defective), len(good)))
+        shown = defective + good
         rows.append(figure_rows(data.X_test[shown], maps[shown], data.masks_test[shown],
                                 vmin=np.percentile(maps, 1), vmax=np.percentile(maps, 99.9)))
     if out:
         gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
         grid = np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
         Image.fromarray(grid).save(out)
-        print(f"wrote {out}: per texture, 4 defective and 1 good test image (top: defect "
-              "outlined in magenta; bottom: anomaly map)", file=stream)
+        n_defective, n_good = max(counts)
+        upto = "" if len(counts) == 1 else "up to "
+        print(f"wrote {out}: a row per texture ({', '.join(textures)}), {upto}{n_defective} "
+              f"defective and {n_good} good test tile{'s' if n_good > 1 else ''} (top: the "
+              "defect outlined in magenta; bottom: the anomaly map, hotter = more anomalous)",
+              file=stream)
     return results
 
 
@@ -131,16 +140,22 @@ def _check_out(out, parser):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m skpadim", description=__doc__.split("\n")[0])
+    # The console script is called skpadim; run as a module, argv[0] is __main__.py.
+    prog = Path(sys.argv[0]).name
+    prog = "python -m skpadim" if prog in ("__main__.py", "") else prog
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit the default detector on built-in real textures")
-    demo.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES)
-    demo.add_argument("--n-train", type=_at_least(2), default=60, help="training images (>= 2)")
+    demo = sub.add_parser("demo", help="fit the default detector on built-in real textures",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES,
+                      help="textures to run, each on its own detector")
+    demo.add_argument("--n-train", type=_at_least(2), default=60, help="good training tiles (>= 2)")
     demo.add_argument("--n-test", type=_at_least(2), default=40,
-                      help="test images (>= 2: good and defective ones)")  # fmt: skip
-    demo.add_argument("--image-size", type=_at_least(32), default=224)
+                      help="test tiles (>= 2: good and defective ones)")  # fmt: skip
+    demo.add_argument("--image-size", type=_at_least(32), default=224,
+                      help="side of the square tiles cut from the photographs, in pixels")
     demo.add_argument("--out", default="skpadim-demo.png", help="PNG to write ('' for none)")
-    demo.add_argument("--seed", type=_at_least(0), default=0)
+    demo.add_argument("--seed", type=_at_least(0), default=0, help="seed of the tiles and defects")
     args = parser.parse_args(argv)
     _check_out(args.out, demo)
     run_demo(args.textures, args.n_train, args.n_test, args.image_size, args.out, args.seed)

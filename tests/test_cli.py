@@ -16,6 +16,8 @@ def test_tiny_demo_writes_its_figure(tmp_path):
     assert [r["texture"] for r in results] == ["brick"]
     assert 0 <= results[0]["image_auroc"] <= 1 and 0 <= results[0]["pixel_auroc"] <= 1
     assert "brick" in stream.getvalue() and f"wrote {out}" in stream.getvalue()
+    # What the figure shows, as counted: 4 test tiles hold 2 defective ones.
+    assert "(brick), 2 defective and 1 good test tile (top" in stream.getvalue()
     figure = np.asarray(Image.open(out))
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] == 2 * 64
 
