@@ -140,13 +140,13 @@ def _leave_one_out_distances(dist, in_fit, counts, shrinkage=None):
         The distances, leave-one-out where ``in_fit``.
     """
     n = torch.as_tensor(np.asarray(counts, dtype=np.float64), device=dist.device)
+    # With 2 samples the leave-one-out Gaussian has one sample and no covariance
+    # (Ledoit-Wolf's formula would divide by zero): left as is.
+    valid = n >= 3
     if shrinkage is None:
-        # With 2 samples a leave-one-out covariance does not exist: left as is.
-        valid = n >= 3
         a = n * n * (n - 2) / (n - 1) ** 3
         b = n / (n - 1) ** 2
     else:
-        valid = n >= 2
         a = n / (n - 1)
         b = (1 - torch.as_tensor(np.asarray(shrinkage, dtype=np.float64), device=dist.device)) / (n - 1)
     d2 = dist.flatten(1).to(torch.float64).square()
@@ -183,7 +183,7 @@ def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
 
 def _normal_training_images(X, y):
     """``(X, n_images)``: the images of X that y labels normal (all when y is
-    None), checked to be a sequence (fit reads them twice) of at least two."""
+    None), checked to be a sequence (fit reads them twice) of at least three."""
     n_images = count_images(X)
     if n_images is None:
         raise TypeError(
@@ -192,9 +192,12 @@ def _normal_training_images(X, y):
         )
     if y is not None:
         X, n_images = _normal_only(X, y, n_images)
-    if n_images < 2:
+    # The threshold is set on leave-one-out scores: each image against a
+    # Gaussian of the others, which takes at least two.
+    if n_images < 3:
         raise ValueError(
-            f"fit needs at least 2 training images to estimate a distribution; got {n_images}."
+            "fit needs at least 3 training images: 2 to estimate a distribution, and one "
+            f"more to leave out in turn for the decision threshold; got {n_images}."
         )
     return X, n_images
 
@@ -666,7 +669,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 self.feature_extractor if self.feature_extractor is not None else TorchvisionExtractor()
             ).fit(X)
         n_trim = int(np.floor(self.trim * n_images))
-        trimming = n_trim > 0 and n_images - n_trim >= 2 and n_images >= 4
+        trimming = n_trim > 0 and n_images - n_trim >= 3 and n_images >= 4
         if trimming:
             # Two Gaussians, each on every other image: together one pass.
             halves = (np.arange(0, n_images, 2), np.arange(1, n_images, 2))

@@ -258,8 +258,9 @@ def test_joblib_round_trip_is_bit_identical(tiny_extractor, normal_images, test_
 
 def test_shape_and_input_errors(tiny_extractor, normal_images):
     det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0)
-    with pytest.raises(ValueError, match="at least 2 training images"):
-        det.fit(normal_images[:1])
+    for n in (1, 2):  # two cannot give a leave-one-out threshold
+        with pytest.raises(ValueError, match=f"at least 3 training images: .*; got {n}"):
+            det.fit(normal_images[:n])
     with pytest.raises(TypeError, match="one-shot iterator"):
         det.fit(iter(list(normal_images)))
     with pytest.raises(ValueError, match="n_features=30 is larger than the 20 channels"):
@@ -653,7 +654,7 @@ def test_boolean_labels_read_true_as_anomalous(tiny_extractor, normal_images, te
     np.testing.assert_array_equal(clone(det).fit(X, flags).gaussian_.location_,
                                   clone(det).fit(X, flags.astype(int)).gaussian_.location_)
     for all_true in (np.ones(4, bool), np.ones(4, bool).astype(object)):
-        with pytest.raises(ValueError, match="at least 2 training images.*got 0"):
+        with pytest.raises(ValueError, match="at least 3 training images.*got 0"):
             clone(det).fit(X[8:], all_true)
     assert clone(det).fit(X[8:], np.ones(4, int)).gaussian_.n_samples_seen_ == 4
 
@@ -679,6 +680,20 @@ def test_leave_one_out_distances_match_refits_without_the_sample(n, c, shrinkage
     # coefficient), of relative size 1/n; the in-sample distances are far off.
     np.testing.assert_allclose(loo[1:], exact, rtol=0.03)
     assert np.max(np.abs(d[1:] - exact) / exact) > 0.15
+
+
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.05])
+def test_positions_of_two_patches_keep_their_in_sample_distances(shrinkage):
+    # Left out, a patch would leave a one-sample Gaussian without a covariance:
+    # Ledoit-Wolf's formula gave distances of a million there.
+    from skpadim.detector import _leave_one_out_distances
+
+    X = np.random.RandomState(1).randn(2, 5, 1, 2)
+    g = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
+    d = torch.from_numpy(g.mahalanobis(X))
+    loo = _leave_one_out_distances(d, torch.ones(2, 1, dtype=torch.bool), [2],
+                                   g.shrinkage_ if shrinkage == "ledoit-wolf" else None)
+    np.testing.assert_array_equal(loo.numpy(), d.numpy())
 
 
 @pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.05])

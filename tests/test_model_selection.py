@@ -153,7 +153,7 @@ def test_fit_with_labels_learns_from_normal_images_only(labelled_textures):
         np.testing.assert_array_equal(fitted.score_samples(X[:5]), normal_only.score_samples(X[:5]))
     with pytest.raises(ValueError, match="labels for"):
         clone(det).fit(X, y[:-1])
-    with pytest.raises(ValueError, match="at least 2 training images"):
+    with pytest.raises(ValueError, match="at least 3 training images"):
         clone(det).fit(X[y == 1], masks[y == 1])  # defective images only: nothing to learn
     inlier = np.where(y == 0, 1, -1)  # scikit-learn's outlier convention
     fitted = clone(det).fit(X, inlier)

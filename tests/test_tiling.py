@@ -194,7 +194,7 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         _tiled(clone(tiny_extractor).set_params(crop_size=48)).fit(normal_images)
     with pytest.raises(ValueError, match="trim"):
         _tiled(tiny_extractor).set_params(detector__trim=0.1).fit(normal_images)
-    with pytest.raises(ValueError, match="at least 2 training images to estimate a distribution; got 1"):
+    with pytest.raises(ValueError, match="at least 3 training images: 2 to estimate a distribution.*got 1"):
         _tiled(tiny_extractor).fit(normal_images[:1])
     with pytest.raises(TypeError, match="one-shot iterator"):
         _tiled(tiny_extractor).fit(iter(normal_images))
