@@ -408,8 +408,10 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         threshold: ``offset_`` is the ``contamination`` quantile of the training
         images' scores, each taken as if that image had been left out of the
         fit (in-sample scores are far too optimistic when the images do not
-        greatly outnumber the channels). A held-out set of normal images can
-        also set ``offset_``.
+        greatly outnumber the channels). With only a few dozen images or fewer,
+        it flags more than ``contamination`` of new normal images (see the user
+        guide's Thresholds); a held-out set of normal images can also set
+        ``offset_``.
     trim : float in [0, 0.5), default=0.0
         Fraction of the training data left out of the final fit, judged out of
         fold: the training images are split into two halves, alternately, and
