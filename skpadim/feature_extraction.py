@@ -496,6 +496,12 @@ def _auto_size_of_shapes(shapes, short_side=224, multiple=32, max_long_side=896)
     return (long, short) if ratio > 1 else (short, long)
 
 
+def _structure_digest(model):
+    """A digest of what a traced model computes, its weights aside: the graph's
+    code and the modules it calls, with their settings (``repr``)."""
+    return joblib.hash((getattr(model, "code", None), repr(model)))
+
+
 def _concat_on_first_grid(feats):
     """Feature maps upsampled (nearest) to the first one's grid, concatenated, float32.
 
@@ -1068,17 +1074,17 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         return embed
 
     def _feature_key(self):
-        """Everything that determines the embeddings of given pixels."""
-        backbone, weights = self.backbone, self.weights
-        if isinstance(backbone, torch.nn.Module) or weights is None:
-            # A module can change, and random weights differ from fit to fit: key by the weights.
-            state = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
-            backbone = (backbone if isinstance(backbone, str) else "module", joblib.hash(state))
-        if weights is not None and _looks_like_path(weights):
-            path = Path(weights)
-            weights = (str(path.resolve()), path.stat().st_mtime_ns) if path.is_file() else str(weights)
-        return (backbone, str(weights), self.layers_, self.resize_shape_, self.crop_box_,
-                self.mean_, self.std_)
+        """Everything that determines the embeddings of given pixels.
+
+        The model as it is now, not the parameters it was built from: its
+        structure (the traced graph and its modules) and the values of its
+        weights. A weights file replaced after fit, a module changed in place, or
+        two modules that share weights but not layers then never share entries.
+        """
+        state = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        name = self.backbone if isinstance(self.backbone, str) else "module"
+        return (name, _structure_digest(self.model_), joblib.hash(state), self.layers_,
+                self.resize_shape_, self.crop_box_, self.mean_, self.std_)
 
     def __getstate__(self):
         # The traced module is pickled as its weights (on the CPU, so that a model

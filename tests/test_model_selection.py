@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torchvision
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_val_score
 from sklearn.pipeline import Pipeline
@@ -340,6 +341,40 @@ def test_cache_keys_random_weights_by_their_values(fresh_memos, tmp_path):
     torch.manual_seed(1)
     r1 = clone(ext).fit().transform(X)  # other random weights: not served from the cache
     assert not np.allclose(r0, r1)
+
+
+def test_cache_keys_the_model_as_it_is_not_its_parameters(fresh_memos, tmp_path):
+    # Each case: a model that computes something else under the same parameters
+    # (or the same weights) must not be served the other's cached embeddings.
+    X = torch.rand(2, 3, 32, 32)
+
+    def fresh(ext):
+        return clone(ext).set_params(memory=None).fit().transform(X)
+
+    # Two modules sharing their weights but not their layers.
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    for second in (torch.nn.Sigmoid(), torch.nn.Tanh()):
+        ext = TorchvisionExtractor(torch.nn.Sequential(conv, second), layers=("1",), weights=None,
+                                   image_size=32, memory=str(tmp_path))
+        np.testing.assert_allclose(clone(ext).fit().transform(X), fresh(ext), rtol=1e-6)
+    # A fitted extractor whose model is changed in place.
+    ext = TorchvisionExtractor("resnet18", layers=("layer1",), weights=None, image_size=32,
+                               memory=str(tmp_path)).fit()
+    before = ext.transform(X)
+    with torch.no_grad():
+        for p in ext.model_.parameters():
+            p.mul_(0.5)
+    assert not np.allclose(ext.transform(X), before)
+    # A weights file replaced after a fit that read it: the new file's fit gets its own embeddings.
+    path = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    old = TorchvisionExtractor("resnet18", layers=("layer1",), weights=str(path), image_size=32,
+                               memory=str(tmp_path / "cache")).fit()
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    old.transform(X)  # cached under the old model
+    np.testing.assert_allclose(clone(old).fit().transform(X), fresh(old), rtol=1e-6)
 
 
 def test_patch_embeddings_compare_with_numpy():
