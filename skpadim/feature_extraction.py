@@ -498,8 +498,10 @@ def _auto_size_of_shapes(shapes, short_side=224, multiple=32, max_long_side=896)
 
 def _structure_digest(model):
     """A digest of what a traced model computes, its weights aside: the graph's
-    code and the modules it calls, with their settings (``repr``)."""
-    return joblib.hash((getattr(model, "code", None), repr(model)))
+    code and the modules it calls, with their settings (``repr``). Not the
+    top module's own repr, whose class name a copy of a traced model changes."""
+    children = [(name, repr(module)) for name, module in model.named_children()]
+    return joblib.hash((getattr(model, "code", None), children))
 
 
 def _concat_on_first_grid(feats):
@@ -1094,13 +1096,25 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         model = state.pop("model_", None)
         if model is not None:
             state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if isinstance(self.backbone, torch.nn.Module):
+                # Rebuilt from the module as pickled now, which its owner may
+                # have changed since fit: checked against the fitted model on load.
+                state["_model_structure"] = _structure_digest(model)
         return state
 
     def __setstate__(self, state):
         model_state = state.pop("_model_state", None)
+        structure = state.pop("_model_structure", None)
         self.__dict__.update(state)
         if model_state is not None:
-            self.model_ = self._untrained_model()
+            model = self._untrained_model()
+            if structure is not None and _structure_digest(model) != structure:
+                raise ValueError(
+                    "This TorchvisionExtractor's backbone module was changed after fit (its "
+                    "layers differ from those of the fitted model), so the fitted model cannot "
+                    "be rebuilt from it. Pickle it before changing the module, or refit."
+                )
+            self.model_ = model
             self.model_.load_state_dict(model_state)
 
     def _untrained_model(self):

@@ -161,7 +161,8 @@ def test_fit_with_labels_learns_from_normal_images_only(labelled_textures):
     assert fitted.gaussian_.n_samples_seen_ == int((y == 0).sum())
 
 
-def test_cache_reuses_embeddings_and_keys_on_parameters(labelled_textures, tmp_path, monkeypatch):
+def test_cache_reuses_embeddings_and_keys_on_parameters(labelled_textures, tmp_path, monkeypatch,
+                                                        fresh_memos):
     X, _, _ = labelled_textures
     import skpadim.feature_extraction as fe
 
@@ -375,6 +376,20 @@ def test_cache_keys_the_model_as_it_is_not_its_parameters(fresh_memos, tmp_path)
     torch.save(torchvision.models.resnet18().state_dict(), path)
     old.transform(X)  # cached under the old model
     np.testing.assert_allclose(clone(old).fit().transform(X), fresh(old), rtol=1e-6)
+
+
+def test_pickled_module_extractor_refuses_a_backbone_changed_after_fit(tmp_path):
+    # The fitted graph is rebuilt from the backbone module on load: if its owner
+    # changed it since fit, the rebuilt model would compute something else.
+    from conftest import TinyNet
+
+    X = torch.rand(2, 3, 32, 32)
+    module = TinyNet()
+    ext = TorchvisionExtractor(module, layers=("block1", "block2"), weights=None, image_size=32).fit()
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(ext)).transform(X), ext.transform(X))
+    module.block1[1] = torch.nn.Sigmoid()  # was a ReLU
+    with pytest.raises(ValueError, match="backbone module was changed after fit"):
+        pickle.loads(pickle.dumps(ext))
 
 
 def test_patch_embeddings_compare_with_numpy():
