@@ -489,7 +489,13 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
 
 def _auto_size_of_shapes(shapes, short_side=224, multiple=32, max_long_side=896):
     """:func:`auto_image_size` from the images' ``(H, W)`` (None: a square)."""
-    ratio = 1.0 if shapes is None else float(np.median([h / w for h, w in shapes]))
+    if shapes is not None:
+        empty = [i for i, (h, w) in enumerate(shapes) if min(h, w) < 1]
+        if empty:
+            raise ValueError(f"X[{empty[0]}]: an image of shape {tuple(shapes[empty[0]])} has no pixels.")
+    # The median of log(h / w): portrait and landscape images count alike (an
+    # even mix of 1:2 and 2:1 gives a square, not the mean of 0.5 and 2).
+    ratio = 1.0 if shapes is None else float(np.exp(np.median([np.log(h / w) for h, w in shapes])))
     short = max(multiple, int(round(short_side / multiple)) * multiple)
     long = int(round(short * max(ratio, 1 / ratio) / multiple)) * multiple
     long = max(short, min(long, max(short, max_long_side // multiple * multiple)))
@@ -950,7 +956,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
 
         resized = []
         for img in images:
-            img = img.to(device)
+            img = img.to(device=device, dtype=torch.float32)
             if tuple(img.shape[1:]) != self.resize_shape_:
                 img = TF.resize(img, list(self.resize_shape_), antialias=True)
             resized.append(img)
@@ -976,6 +982,15 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             Concatenated multi-layer features on the first layer's grid.
         """
         check_is_fitted(self, "model_")
+        for i, img in enumerate(images):
+            if not (isinstance(img, torch.Tensor) and img.is_floating_point() and img.ndim == 3
+                    and img.shape[0] == 3):
+                kind = f"a tensor of dtype {img.dtype} and shape {tuple(img.shape)}" if isinstance(
+                    img, torch.Tensor) else f"{type(img).__name__}"
+                raise ValueError(
+                    f"images[{i}]: embed takes float tensors (3, H, W) in [0, 1], got {kind}; "
+                    "transform takes images in any format."
+                )
         device = resolve_device(self.device)
         with torch.inference_mode():
             return _concat_on_first_grid(self._features(self._preprocess(images, device), device))

@@ -293,6 +293,25 @@ def test_auto_image_size_of_no_images_is_named():
             auto_image_size(empty)
 
 
+def test_auto_image_size_counts_portrait_and_landscape_alike():
+    from skpadim.feature_extraction import auto_image_size
+
+    mixed = [np.zeros((100, 200, 3), np.uint8), np.zeros((200, 100, 3), np.uint8)] * 2
+    assert auto_image_size(mixed) == (224, 224)
+    assert auto_image_size(mixed + [mixed[0]]) == (224, 448)  # the landscape ones prevail
+    with pytest.raises(ValueError, match=r"X\[0\]: an image of shape \(10, 0\) has no pixels"):
+        auto_image_size(np.zeros((2, 10, 0, 3), np.uint8))
+
+
+def test_embed_takes_float_tensors_and_names_others(tiny_extractor):
+    ext = clone(tiny_extractor).fit()
+    image = torch.rand(3, 32, 32)
+    assert ext.embed([image, image.double()]).shape[0] == 2
+    for bad in ((image * 255).to(torch.uint8), image[0], np.zeros((3, 32, 32), np.float32)):
+        with pytest.raises(ValueError, match=r"images\[1\]: embed takes float tensors \(3, H, W\)"):
+            ext.embed([image, bad])
+
+
 def test_too_few_images_for_a_tiny_fixed_shrinkage(tiny_extractor, normal_images):
     # Ledoit-Wolf is well defined for any number of images; a tiny eps is not.
     PatchGaussianDetector(tiny_extractor, n_features=8).fit(normal_images[:3])
