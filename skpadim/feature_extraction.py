@@ -22,6 +22,7 @@ so that it can be cloned and searched over.
 """
 
 import collections
+import contextlib
 import copy
 import functools
 import numbers
@@ -422,11 +423,66 @@ def _lite_stage_ends(model):
     )
 
 
+class _TraceGuard:
+    """Forward passes run together, a torch.fx trace runs alone.
+
+    While it traces, torch.fx patches ``torch.nn.Module.__call__`` for the whole
+    process, so a forward pass in another thread meanwhile fails ("module is not
+    installed as a submodule"). A trace waits for the running forward passes and
+    holds new ones back until it is done (a waiting trace goes first, so a stream
+    of forward passes cannot starve it); the tracing thread itself may run both.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._forwards = 0
+        self._traces = 0  # depth of the owner's (re-entrant) traces
+        self._waiting = 0
+        self._owner = None
+
+    @contextlib.contextmanager
+    def forward(self):
+        me = threading.get_ident()
+        with self._cond:
+            while (self._traces or self._waiting) and self._owner != me:
+                self._cond.wait()
+            self._forwards += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._forwards -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def trace(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me:
+                self._waiting += 1
+                while self._traces or self._forwards:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._owner = me
+            self._traces += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._traces -= 1
+                if not self._traces:
+                    self._owner = None
+                self._cond.notify_all()
+
+
+_FX_GUARD = _TraceGuard()
+
+
 def _valid_layers(model):
     """Names create_feature_extractor accepts: graph nodes and the modules holding them."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    with warnings.catch_warnings():
+    with _FX_GUARD.trace(), warnings.catch_warnings():
         # It warns that train- and eval-mode graphs differ; we always run in eval.
         warnings.simplefilter("ignore", UserWarning)
         nodes = get_graph_node_names(model)[1]
@@ -871,7 +927,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     def _trace(model, layers):
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        with warnings.catch_warnings():
+        with _FX_GUARD.trace(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # train/eval graphs differ: we use eval
             return create_feature_extractor(model.eval(), return_nodes=list(layers)).eval()
 
@@ -947,7 +1003,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
     # -- extracting --------------------------------------------------------------
     def _features(self, x, device):
         model = self.model_.to(device)
-        out = model(x.to(device))
+        with _FX_GUARD.forward():  # not while another thread traces
+            out = model(x.to(device))
         return [out[layer] for layer in self.layers_]
 
     def _preprocess(self, images, device):

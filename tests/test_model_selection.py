@@ -305,6 +305,47 @@ def test_concurrent_fits_in_threads(labelled_textures, fresh_memos):
         np.testing.assert_array_equal(e.transform(X), expected)
 
 
+def test_forward_passes_in_one_thread_while_another_traces():
+    # torch.fx patches torch.nn.Module for the whole process while it traces: a
+    # transform in another thread meanwhile failed ("not installed as a submodule").
+    import threading
+    import time
+
+    from conftest import TinyNet, textured_images
+
+    X = textured_images(2, 32)
+
+    def extractor():
+        return TorchvisionExtractor(TinyNet(), layers=("block1", "block2"), weights=None,
+                                    image_size=32, device="cpu")
+
+    fitted = extractor().fit()  # modules are not memoised: every fit below traces
+    expected = fitted.transform(X)
+    stop, errors, counts = threading.Event(), [], {"fits": 0, "transforms": 0}
+
+    def run(work, name):
+        while not stop.is_set():
+            try:
+                work()
+                counts[name] += 1
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(exc))
+
+    def check():
+        np.testing.assert_array_equal(fitted.transform(X), expected)
+
+    threads = [threading.Thread(target=run, args=(lambda: extractor().fit(), "fits")),
+               threading.Thread(target=run, args=(check, "transforms"))]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert counts["fits"] > 5 and counts["transforms"] > 5, counts
+
+
 def test_cache_finds_each_image_whatever_its_batch(labelled_textures, fresh_memos, tmp_path,
                                                    monkeypatch):
     X = labelled_textures[0][:12]
