@@ -334,6 +334,8 @@ def _check(config, arrays, path):
         )
     if version >= 3:
         _check_tiled(config["tiled"], path)
+    _check_detector_values(config["detector"], path)
+    _check_fitted_values(config["fitted"], path)
     if "channel_indices" not in arrays:
         raise ModelFileError(f"{str(path)!r}: the array 'channel_indices' is missing.")
     fitted = config["fitted"]
@@ -357,6 +359,49 @@ def _check(config, arrays, path):
     idx = arrays["channel_indices"]
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+
+
+def _check_detector_values(params, path):
+    """The detector's parameters: only known ones, each valid as the detector
+    itself would judge it at fit."""
+    unknown = sorted(set(params) - set(_DETECTOR_PARAMS))
+    if unknown:
+        raise ModelFileError(
+            f"{str(path)!r}: the 'detector' section holds unknown entries {', '.join(unknown)}."
+        )
+    try:
+        PatchGaussianDetector(**{**_DETECTOR_PARAM_FALLBACKS, **params})._validate_params()
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{str(path)!r}: invalid detector parameter: {exc}") from exc
+
+
+def _check_fitted_values(fitted, path):
+    """The fitted scalars: of the types and ranges a fit gives them, so that a
+    hand-edited file fails here and not while scoring."""
+    def count(value, least=1):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+    checks = {
+        "offset": number(fitted["offset"]),
+        "n_features_in": count(fitted["n_features_in"]),
+        "n_samples_seen": count(fitted["n_samples_seen"]),
+        "grid_shape": isinstance(fitted["grid_shape"], list) and len(fitted["grid_shape"]) == 2
+        and all(count(v) for v in fitted["grid_shape"]),
+        "input_shape": isinstance(fitted["input_shape"], list) and len(fitted["input_shape"]) == 2
+        and all(count(v) for v in fitted["input_shape"]),
+        "aspect_range": isinstance(fitted["aspect_range"], list) and len(fitted["aspect_range"]) == 2
+        and all(number(v) and v > 0 for v in fitted["aspect_range"]),
+        "fitted_on_embeddings": isinstance(fitted["fitted_on_embeddings"], bool),
+        "gaussian_dtype": fitted["gaussian_dtype"] in ("float32", "float64"),
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        raise ModelFileError(
+            f"{str(path)!r}: the 'fitted' section holds an invalid {bad[0]}: {fitted[bad[0]]!r}."
+        )
 
 
 def _check_tiled(tiled, path):

@@ -171,6 +171,33 @@ def test_missing_entries_are_named(fitted_emb, tmp_path, mutate, message):
         load(path)
 
 
+def _set(section, key, value):
+    def mutate(arrays, config):
+        config[section][key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_set("fitted", "grid_shape", [3]), "invalid grid_shape: \\[3\\]"),
+    (_set("fitted", "grid_shape", ["3", 3]), "invalid grid_shape"),
+    (_set("fitted", "offset", "0.5"), "invalid offset"),
+    (_set("fitted", "n_samples_seen", 0), "invalid n_samples_seen"),
+    (_set("fitted", "input_shape", [3.5, 3]), "invalid input_shape"),
+    (_set("fitted", "aspect_range", [0, 1]), "invalid aspect_range"),
+    (_set("fitted", "fitted_on_embeddings", 1), "invalid fitted_on_embeddings"),
+    (_set("fitted", "gaussian_dtype", "float16"), "invalid gaussian_dtype"),
+    (_set("detector", "sigma", -1.0), "invalid detector parameter: .*sigma"),
+    (_set("detector", "image_score", "median"), "invalid detector parameter: .*image_score"),
+    (_set("detector", "bogus", 1), "unknown entries bogus"),
+])
+def test_invalid_fitted_and_detector_values_are_refused(fitted_emb, tmp_path, mutate, message):
+    # Files that match their digests but were written by hand or by another tool.
+    path = save(fitted_emb[0], tmp_path / "m.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
 @pytest.mark.parametrize("model, mutate, message", [
     ("fitted_lite", _drop("extractor", "resize_shape"), "'extractor' section .* lacks resize_shape"),
     ("fitted_lite", lambda a, c: c["extractor"]["params"].pop("mean"),
