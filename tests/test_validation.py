@@ -206,6 +206,10 @@ def test_extractor_parameter_errors():
         TorchvisionExtractor(weights=None, image_size=32, crop_size=64).fit()
     with pytest.raises(ValueError, match="image_size"):
         TorchvisionExtractor(weights=None, image_size=8).fit()
+    from conftest import TinyNet
+
+    with pytest.raises(ValueError, match="layers must be given for backbone TinyNet"):
+        TorchvisionExtractor(TinyNet(), weights=None).fit()
     # A pair is not truncated or converted: its entries must be ints already.
     for bad in ((32.7, 40.2), ("a", "b"), (True, 32), (32, 40, 48)):
         with pytest.raises(ValueError, match=r"image_size must be an int or a pair \(H, W\) of ints"):
