@@ -149,7 +149,7 @@ def main(argv=None):
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES,
                       help="textures to run, each on its own detector")
-    demo.add_argument("--n-train", type=_at_least(2), default=60, help="good training tiles (>= 2)")
+    demo.add_argument("--n-train", type=_at_least(3), default=60, help="good training tiles (>= 3)")
     demo.add_argument("--n-test", type=_at_least(2), default=40,
                       help="test tiles (>= 2: good and defective ones)")  # fmt: skip
     demo.add_argument("--image-size", type=_at_least(32), default=224,

@@ -181,9 +181,10 @@ def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
     return amap[0, 0]
 
 
-def _normal_training_images(X, y):
+def _normal_training_images(X, y, minimum=3):
     """``(X, n_images)``: the images of X that y labels normal (all when y is
-    None), checked to be a sequence (fit reads them twice) of at least three."""
+    None), checked to be a sequence (fit reads them twice) of at least
+    ``minimum`` (TiledDetector fits on windows, which its detector counts)."""
     n_images = count_images(X)
     if n_images is None:
         raise TypeError(
@@ -194,10 +195,12 @@ def _normal_training_images(X, y):
         X, n_images = _normal_only(X, y, n_images)
     # The threshold is set on leave-one-out scores: each image against a
     # Gaussian of the others, which takes at least two.
-    if n_images < 3:
+    if n_images < minimum:
         raise ValueError(
             "fit needs at least 3 training images: 2 to estimate a distribution, and one "
             f"more to leave out in turn for the decision threshold; got {n_images}."
+            if minimum == 3 else
+            f"fit needs at least {minimum} training images to estimate a distribution; got {n_images}."
         )
     return X, n_images
 

@@ -272,7 +272,8 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         if hasattr(self, "detector_"):  # the previous model's copy on a GPU is not kept through a refit
             self.detector_.gaussian_._release_device_memory()
         _check_not_embeddings(X)
-        X, _ = _normal_training_images(X, y)
+        # Its detector checks the windows' number; two images may hold many.
+        X, _ = _normal_training_images(X, y, minimum=2)
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
         detector._validate_params()  # its own errors first, named as its own
         if detector.trim:

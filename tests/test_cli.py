@@ -25,6 +25,7 @@ def test_tiny_demo_writes_its_figure(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--n-test", "1"], "--n-test: must be at least 2"),
     (["--n-train", "x"], "--n-train: expected an integer"),
+    (["--n-train", "2"], "--n-train: must be at least 3"),
     (["--image-size", "8"], "--image-size: must be at least 32"),
     (["--out", "{tmp}"], "is a folder"),
     (["--out", "{tmp}/missing/demo.png"], "does not exist"),
