@@ -361,39 +361,45 @@ def _check(config, arrays, path):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
 
 
-def _check_detector_values(params, path):
-    """The detector's parameters: only known ones, each valid as the detector
-    itself would judge it at fit."""
-    unknown = sorted(set(params) - set(_DETECTOR_PARAMS))
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _is_count(value, least=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _refuse_unknown(section, known, name, path):
+    unknown = sorted(set(section) - set(known))
     if unknown:
         raise ModelFileError(
-            f"{str(path)!r}: the 'detector' section holds unknown entries {', '.join(unknown)}."
+            f"{str(path)!r}: the {name!r} section holds unknown entries {', '.join(unknown)}."
         )
+
+
+def _check_detector_values(params, path, name="detector"):
+    """A detector's parameters: only known ones, each valid as the detector
+    itself would judge it at fit."""
+    _refuse_unknown(params, _DETECTOR_PARAMS, name, path)
     try:
         PatchGaussianDetector(**{**_DETECTOR_PARAM_FALLBACKS, **params})._validate_params()
     except (TypeError, ValueError) as exc:
-        raise ModelFileError(f"{str(path)!r}: invalid detector parameter: {exc}") from exc
+        raise ModelFileError(f"{str(path)!r}: invalid {name} parameter: {exc}") from exc
 
 
 def _check_fitted_values(fitted, path):
     """The fitted scalars: of the types and ranges a fit gives them, so that a
     hand-edited file fails here and not while scoring."""
-    def count(value, least=1):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    def pair(value, valid):
+        return isinstance(value, list) and len(value) == 2 and all(valid(v) for v in value)
 
     checks = {
-        "offset": number(fitted["offset"]),
-        "n_features_in": count(fitted["n_features_in"]),
-        "n_samples_seen": count(fitted["n_samples_seen"]),
-        "grid_shape": isinstance(fitted["grid_shape"], list) and len(fitted["grid_shape"]) == 2
-        and all(count(v) for v in fitted["grid_shape"]),
-        "input_shape": isinstance(fitted["input_shape"], list) and len(fitted["input_shape"]) == 2
-        and all(count(v) for v in fitted["input_shape"]),
-        "aspect_range": isinstance(fitted["aspect_range"], list) and len(fitted["aspect_range"]) == 2
-        and all(number(v) and v > 0 for v in fitted["aspect_range"]),
+        "offset": _is_number(fitted["offset"]),
+        "n_features_in": _is_count(fitted["n_features_in"]),
+        "n_samples_seen": _is_count(fitted["n_samples_seen"]),
+        "grid_shape": pair(fitted["grid_shape"], _is_count),
+        "input_shape": pair(fitted["input_shape"], _is_count),
+        "aspect_range": pair(fitted["aspect_range"], lambda v: _is_number(v) and v > 0),
         "fitted_on_embeddings": isinstance(fitted["fitted_on_embeddings"], bool),
         "gaussian_dtype": fitted["gaussian_dtype"] in ("float32", "float64"),
     }
@@ -411,36 +417,26 @@ def _check_tiled(tiled, path):
     _require(tiled["params"], _TILED_PARAMS, "tiled params", path)
     _require(tiled["fitted"], _TILED_FITTED_KEYS, "tiled fitted", path)
     fitted = tiled["fitted"]
-
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
     window = fitted["window"]
-    if not (isinstance(window, list) and len(window) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in window)):
+    if not (isinstance(window, list) and len(window) == 2 and all(_is_count(v, 16) for v in window)):
         raise ModelFileError(f"{str(path)!r}: the tiled window {window!r} is not two sides of 16 pixels or more.")
-    if not (number(fitted["scale"]) and fitted["scale"] > 0):
+    if not (_is_number(fitted["scale"]) and fitted["scale"] > 0):
         raise ModelFileError(f"{str(path)!r}: the tiled scale {fitted['scale']!r} is not a positive number.")
-    n_windows = fitted["n_windows"]
-    if not (isinstance(n_windows, int) and not isinstance(n_windows, bool) and n_windows >= 2):
-        raise ModelFileError(f"{str(path)!r}: the tiled n_windows {n_windows!r} is not a count of 2 or more.")
-    if not number(fitted["offset"]):
+    if not _is_count(fitted["n_windows"], 2):
+        raise ModelFileError(
+            f"{str(path)!r}: the tiled n_windows {fitted['n_windows']!r} is not a count of 2 or more."
+        )
+    if not _is_number(fitted["offset"]):
         raise ModelFileError(f"{str(path)!r}: the tiled offset {fitted['offset']!r} is not a number.")
     template = tiled["params"]["detector"]
     if template is not None:
         _require(template, ("detector", "extractor"), "tiled detector", path)
         _require(template["detector"], [k for k in _DETECTOR_PARAMS if k not in _DETECTOR_PARAM_FALLBACKS],
                  "tiled detector", path)  # fmt: skip
-        sections = [("tiled detector", template["detector"], _DETECTOR_PARAMS)]
+        _check_detector_values(template["detector"], path, "tiled detector")
         if template["extractor"] is not None:
             _require(template["extractor"], _EXTRACTOR_PARAMS, "tiled detector extractor", path)
-            sections.append(("tiled detector extractor", template["extractor"], _EXTRACTOR_PARAMS))
-        for name, section, known in sections:
-            unknown = sorted(set(section) - set(known))
-            if unknown:
-                raise ModelFileError(
-                    f"{str(path)!r}: the {name!r} section holds unknown entries {', '.join(unknown)}."
-                )
+            _refuse_unknown(template["extractor"], _EXTRACTOR_PARAMS, "tiled detector extractor", path)
 
 
 def _require(section, keys, name, path):
