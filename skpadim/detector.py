@@ -181,10 +181,17 @@ def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
     return amap[0, 0]
 
 
-def _normal_training_images(X, y, minimum=3):
+# The threshold is set on leave-one-out scores: each image against a Gaussian
+# of the others, which takes at least two.
+_LEAVE_ONE_OUT = (3, ": 2 to estimate a distribution, and one more to leave out in turn "
+                     "for the decision threshold")
+
+
+def _normal_training_images(X, y, minimum=_LEAVE_ONE_OUT):
     """``(X, n_images)``: the images of X that y labels normal (all when y is
     None), checked to be a sequence (fit reads them twice) of at least
-    ``minimum`` (TiledDetector fits on windows, which its detector counts)."""
+    ``minimum``, a pair (count, why) for the message (TiledDetector fits on
+    windows, which its detector counts)."""
     n_images = count_images(X)
     if n_images is None:
         raise TypeError(
@@ -193,15 +200,9 @@ def _normal_training_images(X, y, minimum=3):
         )
     if y is not None:
         X, n_images = _normal_only(X, y, n_images)
-    # The threshold is set on leave-one-out scores: each image against a
-    # Gaussian of the others, which takes at least two.
-    if n_images < minimum:
-        raise ValueError(
-            "fit needs at least 3 training images: 2 to estimate a distribution, and one "
-            f"more to leave out in turn for the decision threshold; got {n_images}."
-            if minimum == 3 else
-            f"fit needs at least {minimum} training images to estimate a distribution; got {n_images}."
-        )
+    least, why = minimum
+    if n_images < least:
+        raise ValueError(f"fit needs at least {least} training images{why}; got {n_images}.")
     return X, n_images
 
 

@@ -273,7 +273,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
             self.detector_.gaussian_._release_device_memory()
         _check_not_embeddings(X)
         # Its detector checks the windows' number; two images may hold many.
-        X, _ = _normal_training_images(X, y, minimum=2)
+        X, _ = _normal_training_images(X, y, minimum=(2, " to estimate a distribution"))
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
         detector._validate_params()  # its own errors first, named as its own
         if detector.trim:
