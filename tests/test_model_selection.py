@@ -460,14 +460,17 @@ def test_cache_key_sees_every_tensor_and_is_hashed_once_per_change(fresh_memos, 
                                memory=str(tmp_path)).fit()
     first = ext.transform(X)
     hashed = []
-    original = fresh_memos._structure_digest
-    monkeypatch.setattr(fresh_memos, "_structure_digest",
-                        lambda model: hashed.append(1) or original(model))
+    original = fresh_memos._weights_digest
+    monkeypatch.setattr(fresh_memos, "_weights_digest",
+                        lambda tensors: hashed.append(1) or original(tensors))
     np.testing.assert_array_equal(ext.transform(X), first)
     assert not hashed  # unchanged model: the digest of its weights is kept
     ext.model_.scale.fill_(3.0)
     changed = ext.transform(X)
     assert len(hashed) == 1 and not np.allclose(changed, first)
+    # A layer swapped in place changes no tensor, and is seen all the same.
+    setattr(ext.model_.block1, "1", torch.nn.Sigmoid())  # was a ReLU
+    assert not np.allclose(ext.transform(X), changed)
 
 
 def test_pickled_module_extractor_refuses_a_backbone_changed_after_fit(tmp_path):
