@@ -1201,8 +1201,8 @@ class PatchCovariance(BaseEstimator):
         # floating-point results of the triangular solves.
         self.location_ = np.ascontiguousarray(location.numpy(), dtype=self.dtype)
         self.cholesky_ = np.ascontiguousarray(chol.cpu().numpy())
-        for derived in ("_block_inverses", "_resident"):
-            self.__dict__.pop(derived, None)
+        # (The GPU copy, _resident, was freed before the fit began.)
+        self.__dict__.pop("_block_inverses", None)
         if block_inverses is not None:
             self._block_inverses = (self.cholesky_, block_inverses)
         if cov_out is not None:
