@@ -106,6 +106,18 @@ class PatchEmbeddings(np.ndarray):
         self.crop_box = getattr(obj, "crop_box", None)
         self.image_shapes = getattr(obj, "image_shapes", None)
 
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        # A ufunc's result inherits the input's image shapes (__array_finalize__);
+        # a reduction over the images (emb.mean(axis=0, keepdims=True)) or a
+        # broadcast against more rows leaves them naming other images: it is
+        # then a plain array, as after take() along another axis.
+        out = super().__array_wrap__(array, context, return_scalar)
+        if isinstance(out, PatchEmbeddings) and (
+            out.ndim != 4 or out.image_shapes is None or len(out.image_shapes) != len(out)
+        ):
+            return out.view(np.ndarray)
+        return out
+
     @property
     def input_shape(self):
         """``(H, W)`` of the preprocessed image the backbone saw."""

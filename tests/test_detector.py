@@ -590,6 +590,19 @@ def test_take_compress_and_repeat_keep_each_images_shape():
     assert type(emb.take([1], axis=1)) is np.ndarray  # not one grid per image any more
 
 
+def test_results_with_other_images_than_their_shapes_are_plain_arrays():
+    # A reduction over the images kept the input's image shapes: one embedding
+    # named two images, and maps would have been drawn at the wrong sizes.
+    emb = PatchEmbeddings(np.arange(24.0).reshape(3, 2, 2, 2), image_shapes=[(10, 20), (30, 40), (50, 60)],
+                          resize_shape=(8, 8))  # fmt: skip
+    for out in (emb.sum(axis=0, keepdims=True), np.mean(emb, axis=0, keepdims=True),
+                emb + np.zeros((2, 3, 2, 2, 2)), emb.max(axis=(2, 3))):
+        assert type(out) is np.ndarray, out.shape
+    for out in (emb * 2, np.sqrt(emb), emb.mean(axis=1, keepdims=True), emb - emb[:1]):
+        assert isinstance(out, PatchEmbeddings)
+        np.testing.assert_array_equal(out.image_shapes, emb.image_shapes)
+
+
 def test_fit_predict_uses_the_labels_as_fit_does(tiny_extractor, normal_images, test_images):
     X = np.concatenate([normal_images, test_images[4:]])
     y = np.r_[np.zeros(len(normal_images)), np.ones(4)]
