@@ -747,6 +747,25 @@ _BUILD_LOCK = threading.RLock()
 _RECENT = _RecentEmbeddings(max_bytes=256 * 2**20)
 
 
+def _release_locks_in_forked_child():
+    """Fresh locks and guard counts in a child process made by ``os.fork``.
+
+    The child has only the thread that forked: a lock or count another thread
+    held at that moment (a trace, a build, a cache lookup) would never be
+    released, and the child's first transform would wait for ever. The forking
+    thread is taken not to be inside any of them (a forward pass does not fork).
+    """
+    global _BUILD_LOCK
+    _BUILD_LOCK = threading.RLock()
+    _FX_GUARD.__init__()
+    _TRACED._lock = threading.Lock()
+    _RECENT._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_release_locks_in_forked_child)
+
+
 class _NotCached(Exception):
     """Raised inside the cached function on a miss, so that joblib stores nothing."""
 

@@ -370,6 +370,56 @@ def test_an_interrupted_trace_does_not_hold_forward_passes_back(monkeypatch):
     assert not later.is_alive()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_is_not_held_by_locks_of_threads_it_lost():
+    # A child made by os.fork has only the forking thread: a trace or build that
+    # another thread was running kept its lock held in the child for ever.
+    import threading
+    import time
+
+    from skpadim import feature_extraction as fe
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with fe._BUILD_LOCK, fe._FX_GUARD.trace(), fe._TRACED._lock, fe._RECENT._lock:
+            entered.set()
+            leave.wait()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert entered.wait(5)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if nothing waits
+            try:
+                with fe._FX_GUARD.forward():
+                    pass
+                with fe._FX_GUARD.trace(), fe._BUILD_LOCK:
+                    fe._TRACED.clear()
+                    fe._RECENT.clear()
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not done:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done and os.waitstatus_to_exitcode(status) == 0, "the forked child hung"
+    finally:
+        leave.set()
+        holder.join(5)
+    # The parent's own guard and locks are untouched by the fork handler.
+    with fe._FX_GUARD.forward(), fe._BUILD_LOCK:
+        pass
+
+
 def test_cache_finds_each_image_whatever_its_batch(labelled_textures, fresh_memos, tmp_path,
                                                    monkeypatch):
     X = labelled_textures[0][:12]
