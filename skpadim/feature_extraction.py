@@ -112,6 +112,8 @@ class PatchEmbeddings(np.ndarray):
         # broadcast against more rows leaves them naming other images: it is
         # then a plain array, as after take() along another axis.
         out = super().__array_wrap__(array, context, return_scalar)
+        if return_scalar and np.ndim(out) == 0:  # emb.sum(): a scalar, as for ndarray
+            return out[()]
         if isinstance(out, PatchEmbeddings) and (
             out.ndim != 4 or out.image_shapes is None or len(out.image_shapes) != len(out)
         ):

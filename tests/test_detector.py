@@ -601,6 +601,7 @@ def test_results_with_other_images_than_their_shapes_are_plain_arrays():
     for out in (emb * 2, np.sqrt(emb), emb.mean(axis=1, keepdims=True), emb - emb[:1]):
         assert isinstance(out, PatchEmbeddings)
         np.testing.assert_array_equal(out.image_shapes, emb.image_shapes)
+    assert type(emb.sum()) is np.float64 and type(np.max(emb)) is np.float64  # as for ndarray
 
 
 def test_fit_predict_uses_the_labels_as_fit_does(tiny_extractor, normal_images, test_images):
