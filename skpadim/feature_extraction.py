@@ -452,9 +452,27 @@ class _TraceGuard:
     def __init__(self):
         self._cond = threading.Condition()
         self._forwards = 0
+        self._forwards_by_thread = collections.Counter()  # (for after a fork)
         self._traces = 0  # depth of the owner's (re-entrant) traces
         self._waiting = 0
         self._owner = None
+
+    def keep_only_this_thread(self):
+        """After ``os.fork``, in the child: forget every other thread's passes.
+
+        The child has only the forking thread. Counts another thread held would
+        never be undone, so they go, with the lock they may have held; the
+        forking thread's own (a fork from inside a pass) stay, to be undone as
+        it leaves them.
+        """
+        me = threading.get_ident()
+        forwards = self._forwards_by_thread.get(me, 0)
+        traces = self._traces if self._owner == me else 0
+        self.__init__()
+        if forwards:
+            self._forwards = self._forwards_by_thread[me] = forwards
+        if traces:
+            self._traces, self._owner = traces, me
 
     # Every count is undone in a finally: an interrupt (Ctrl-C) while waiting
     # must not leave a count behind, which would hold every later pass back.
@@ -465,11 +483,15 @@ class _TraceGuard:
             while (self._traces or self._waiting) and self._owner != me:
                 self._cond.wait()
             self._forwards += 1
+            self._forwards_by_thread[me] += 1
         try:
             yield
         finally:
             with self._cond:
                 self._forwards -= 1
+                self._forwards_by_thread[me] -= 1
+                if not self._forwards_by_thread[me]:
+                    del self._forwards_by_thread[me]
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -754,14 +776,15 @@ def _release_locks_in_forked_child():
 
     The child has only the thread that forked: a lock or count another thread
     held at that moment (a trace, a build, a cache lookup) would never be
-    released, and the child's first transform would wait for ever. The forking
-    thread is taken not to be inside any of them (a forward pass does not fork).
+    released, and the child's first transform would wait for ever. The recent
+    embeddings start empty (an update cut short would leave its byte count
+    wrong); the memoised backbones stay, each added whole.
     """
     global _BUILD_LOCK
     _BUILD_LOCK = threading.RLock()
-    _FX_GUARD.__init__()
+    _FX_GUARD.keep_only_this_thread()
     _TRACED._lock = threading.Lock()
-    _RECENT._lock = threading.Lock()
+    _RECENT.__init__(_RECENT.max_bytes)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX

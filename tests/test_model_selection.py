@@ -370,12 +370,49 @@ def test_an_interrupted_trace_does_not_hold_forward_passes_back(monkeypatch):
     assert not later.is_alive()
 
 
+def _child_succeeds(check, timeout=20):
+    """Fork; the child runs ``check`` and exits 0 if it returned, 1 if it raised.
+    True if the child exited 0 within ``timeout`` seconds (else it is killed)."""
+    import time
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 1
+        try:
+            check()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not done:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return False
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def _use_every_lock():
+    from skpadim import feature_extraction as fe
+
+    with fe._FX_GUARD.forward():
+        pass
+    with fe._FX_GUARD.trace(), fe._BUILD_LOCK:
+        fe._TRACED.clear()
+        fe._RECENT.clear()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_a_forked_child_is_not_held_by_locks_of_threads_it_lost():
     # A child made by os.fork has only the forking thread: a trace or build that
     # another thread was running kept its lock held in the child for ever.
     import threading
-    import time
 
     from skpadim import feature_extraction as fe
 
@@ -388,36 +425,34 @@ def test_a_forked_child_is_not_held_by_locks_of_threads_it_lost():
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
-    assert entered.wait(5)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-            pid = os.fork()
-        if pid == 0:  # the child: exit 0 only if nothing waits
-            try:
-                with fe._FX_GUARD.forward():
-                    pass
-                with fe._FX_GUARD.trace(), fe._BUILD_LOCK:
-                    fe._TRACED.clear()
-                    fe._RECENT.clear()
-            finally:
-                os._exit(0)
-        deadline = time.monotonic() + 20
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if not done:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        assert done and os.waitstatus_to_exitcode(status) == 0, "the forked child hung"
+        assert entered.wait(5)
+        assert _child_succeeds(_use_every_lock), "the forked child hung or failed"
+        assert not _child_succeeds(lambda: 1 / 0)  # a failing child is seen as one
     finally:
         leave.set()
         holder.join(5)
     # The parent's own guard and locks are untouched by the fork handler.
-    with fe._FX_GUARD.forward(), fe._BUILD_LOCK:
-        pass
+    _use_every_lock()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_child_forked_inside_a_forward_pass_can_trace_once_out_of_it():
+    # The forking thread's own pass stays counted in the child, and is undone
+    # as it leaves it: dropped, the count went to -1 and every trace waited.
+    from skpadim import feature_extraction as fe
+
+    def leave_then_use_every_lock():
+        forward.__exit__(None, None, None)
+        _use_every_lock()
+
+    forward = fe._FX_GUARD.forward()
+    forward.__enter__()
+    try:
+        assert _child_succeeds(leave_then_use_every_lock), "the forked child hung or failed"
+    finally:
+        forward.__exit__(None, None, None)
+    _use_every_lock()
 
 
 def test_cache_finds_each_image_whatever_its_batch(labelled_textures, fresh_memos, tmp_path,
