@@ -26,7 +26,8 @@ channels, 550 kept), 200 training images, a 56 x 56 grid, a fixed shrinkage of
 * ``other``: what the listed phases leave of the detector's ``fit``.
 
 The phases add up to ``fit``. ``Gaussian fit`` is ``fit`` minus a second,
-identical threshold pass, as ``vs_anomalib.py`` counts it; shares are of it.
+identical threshold pass, as ``vs_anomalib.py`` counts it; shares are of it (the
+two threshold passes differ by a few percent, so the shares add up to about 1).
 
 Machine reference, measured in the same process after the fit:
 
@@ -34,7 +35,9 @@ Machine reference, measured in the same process after the fit:
 * ``accumulate's products``: one batched product of the accumulation's shape;
 * ``LAPACK cholesky``: ``torch.linalg.cholesky_ex`` on a chunk of whole matrices;
 * ``first touch``: seconds per GiB to write memory just allocated, minus writing
-  it again (page faults: the statistics and factors of Rd550 take 3.8 GB).
+  it again (page faults), next to the size of the one allocation that holds the
+  statistics and then the factors (touched partly while accumulating, the rest
+  when the factors are written). The rate varies from process to process.
 
     python benchmarks/fit_profile.py [--configs r18 wr50] [--n-train 200] [--threads 2]
 """
@@ -221,7 +224,6 @@ def worker(cfg):
         "LAPACK cholesky GFLOP/s": lapack,
         "first touch s/GiB": first - again,
         "statistics and factors GiB": storage_gib,
-        "first touch of them, estimate s": (first - again) * storage_gib,
     }
     return {"rows": rows_out, "machine": machine}
 
