@@ -220,6 +220,21 @@ def _normal_only(X, y, n_images):
     return _take_images(X, keep), len(keep)
 
 
+def _computes_subsets(extractor, X):
+    """Whether ``extractor`` can compute the detector's channels of images ``X`` alone.
+
+    The default extractor then picks them from each layer before upsampling it
+    to the first grid: the same values, without the concatenation of all
+    channels (for Wide-ResNet-50 about three times the kept ones' memory).
+    Not through an embedding cache (``memory``), which keeps every channel, and
+    not for subclasses, whose transform may do more; and not when ``X`` holds
+    embeddings already.
+    """
+    return (type(extractor) is TorchvisionExtractor and extractor.memory is None
+            and getattr(extractor, "n_channels_", None) is not None
+            and not isinstance(X, PatchEmbeddings))
+
+
 class _ChannelTaker:
     """Copies the chosen channels of successive batches into one reused buffer.
 
@@ -536,8 +551,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         self.random_state = random_state
 
     # -- batches of embeddings -------------------------------------------------
-    def _embedding_batches(self, X, extractor):
-        """Yield PatchEmbeddings batch by batch, from images or from embeddings."""
+    def _embedding_batches(self, X, extractor, channels=None):
+        """Yield PatchEmbeddings batch by batch, from images or from embeddings;
+        with ``channels`` (only where :func:`_computes_subsets`), only those."""
         if isinstance(X, PatchEmbeddings) or (
             extractor is None and isinstance(X, np.ndarray) and X.ndim == 4
         ):
@@ -559,6 +575,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         # A custom extractor that does not tell its frame gets batch_size images.
         per_batch = images_per_batch(self.batch_size, _input_frame(extractor))
         for batch in iter_image_batches(X, per_batch):
+            if channels is not None:
+                yield extractor._transform(ValidatedImages(batch), channels)
+                continue
             emb = extractor.transform(ValidatedImages(batch))
             if not isinstance(emb, PatchEmbeddings):
                 # The interface allows a plain array: its grid is then the frame,
@@ -746,9 +765,18 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         )
         gaussian._validate_params()
         moments, n_channels, aspects, start = None, None, [], 0
-        for emb in self._embedding_batches(X, extractor):
-            if n_channels is None:
-                n_channels, input_shape = emb.shape[1], emb.input_shape
+        subsets = _computes_subsets(extractor, X)
+        if subsets:  # the extractor computes the kept channels only
+            n_channels = extractor.n_channels_
+            if channels is None:
+                channels = self._draw_channels(n_channels)
+        for emb in self._embedding_batches(X, extractor, channels if subsets else None):
+            if start == 0:
+                input_shape = emb.input_shape
+            if subsets:
+                take = np.asarray  # already the kept channels
+            elif n_channels is None:
+                n_channels = emb.shape[1]
                 if channels is None:
                     channels = self._draw_channels(n_channels)
                 take = _ChannelTaker(channels)
@@ -813,10 +841,13 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             isinstance(X, PatchEmbeddings)
             and tuple(self.input_shape_) != tuple(self.gaussian_.grid_shape_)
         )
-        for emb in self._embedding_batches(X, extractor):
+        subsets = _computes_subsets(extractor, X)
+        channels = self.channel_indices_ if subsets else None
+        for emb in self._embedding_batches(X, extractor, channels):
             if check_aspect:
                 self._check_aspect(emb, start)
-            dist = self.gaussian_._mahalanobis_tensor(self._select(emb, take))
+            selected = self._pooled(emb) if subsets else self._select(emb, take)
+            dist = self.gaussian_._mahalanobis_tensor(selected)
             if in_fit is not None:
                 dist = _leave_one_out_distances(
                     dist, torch.from_numpy(in_fit[start : start + len(emb)]), counts, shrinkage)

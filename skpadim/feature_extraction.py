@@ -629,15 +629,31 @@ def _model_tensors(model):
     return tensors
 
 
-def _concat_on_first_grid(feats):
+def _concat_on_first_grid(feats, channels=None):
     """Feature maps upsampled (nearest) to the first one's grid, concatenated, float32.
 
     Written straight into the output: where a grid is an exact multiple of
     another, nearest-neighbour upsampling is a broadcast copy of each value
     into an ``s x s`` block, an order of magnitude faster on the CPU than
     ``F.interpolate`` followed by ``torch.cat``, and equal to it.
+
+    ``channels``, sorted indices into the concatenation, keeps only those: each
+    layer's are picked before it is upsampled (upsampling acts on each channel
+    alone, so the values are the same), and the concatenation of all channels,
+    several times larger for wide backbones, is never made.
     """
-    n, _, H, W = feats[0].shape
+    n, _, H, W = feats[0].shape  # the first layer's grid, whichever channels are kept
+    if channels is not None:
+        channels = np.asarray(channels)
+        if np.any(np.diff(channels) <= 0):  # not sorted and unique: pick from the whole
+            return _concat_on_first_grid(feats)[:, torch.as_tensor(channels, device=feats[0].device)]
+        picked, offset = [], 0
+        for f in feats:
+            mine = channels[(channels >= offset) & (channels < offset + f.shape[1])] - offset
+            if len(mine):
+                picked.append(f.index_select(1, torch.as_tensor(mine, device=f.device)))
+            offset += f.shape[1]
+        feats = picked
     out = torch.empty((n, sum(f.shape[1] for f in feats), H, W), dtype=torch.float32,
                       device=feats[0].device)
     start = 0
@@ -1131,9 +1147,14 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
                     f"images[{i}]: embed takes float tensors (3, H, W) in [0, 1], got {kind}; "
                     "transform takes images in any format."
                 )
+        return self._embed(images)
+
+    def _embed(self, images, channels=None):
+        """:meth:`embed` without the checks; ``channels``: see _concat_on_first_grid."""
         device = resolve_device(self.device)
         with torch.inference_mode():
-            return _concat_on_first_grid(self._features(self._preprocess(images, device), device))
+            return _concat_on_first_grid(
+                self._features(self._preprocess(images, device), device), channels)
 
     def fit_transform(self, X, y=None):
         """Fit on X, then return its embeddings.
@@ -1169,13 +1190,20 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         embeddings : PatchEmbeddings of shape (n_images, n_channels, h, w)
             float32 embeddings that also record each image's original size.
         """
+        return self._transform(X)
+
+    def _transform(self, X, channels=None):
+        """:meth:`transform`, or with sorted ``channels`` only those channels of
+        the embeddings, computed alone (not through the cache, which keeps all)."""
         check_is_fitted(self, "model_")
+        if channels is not None and self.memory is not None:
+            raise ValueError("A channel subset is not computed through the embedding cache.")
         embed_cached = None if self.memory is None else self._cached_embedder()
         parts, shapes = [], []
         for batch in iter_image_batches(X, images_per_batch(self.batch_size, _input_frame(self))):
             shapes.extend(tuple(img.shape[1:]) for img in batch)
             if embed_cached is None:
-                parts.append(self.embed(batch).cpu().numpy())
+                parts.append(self._embed(batch, channels).cpu().numpy())
             else:
                 parts.extend(embed_cached(batch))
         if not parts:

@@ -343,8 +343,8 @@ def test_large_frames_go_in_fewer_images_per_batch(monkeypatch, tiny_extractor, 
     sizes = []
     batches = PatchGaussianDetector._embedding_batches
 
-    def recording(self, X, extractor):
-        for emb in batches(self, X, extractor):
+    def recording(self, X, extractor, channels=None):
+        for emb in batches(self, X, extractor, channels):
             sizes.append(len(emb))
             yield emb
 
@@ -378,13 +378,13 @@ def test_extractor_alone_sends_large_frames_in_fewer_images(monkeypatch, tiny_ex
                                                             normal_images):
     ext = clone(tiny_extractor).set_params(batch_size=8).fit()
     sizes = []
-    embed = type(ext).embed
+    embed = type(ext)._embed
 
-    def recording(self, images):
+    def recording(self, images, channels=None):
         sizes.append(len(images))
-        return embed(self, images)
+        return embed(self, images, channels)
 
-    monkeypatch.setattr(type(ext), "embed", recording)
+    monkeypatch.setattr(type(ext), "_embed", recording)
     reference = ext.transform(normal_images)
     assert set(sizes) == {8}
     # A budget of 16 x 16 pixels: the 32 x 32 frames count four times, 2 per pass.
@@ -602,6 +602,54 @@ def test_results_with_other_images_than_their_shapes_are_plain_arrays():
         assert isinstance(out, PatchEmbeddings)
         np.testing.assert_array_equal(out.image_shapes, emb.image_shapes)
     assert type(emb.sum()) is np.float64 and type(np.max(emb)) is np.float64  # as for ndarray
+
+
+@pytest.mark.parametrize("grids", [((8, 8), (4, 4), (2, 2)), ((8, 8), (8, 8)), ((9, 9), (4, 4))])
+def test_channels_picked_before_upsampling_are_those_of_the_concatenation(grids):
+    from skpadim.feature_extraction import _concat_on_first_grid
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(3, 4 + 2 * i, h, w, generator=g) for i, (h, w) in enumerate(grids)]
+    full = _concat_on_first_grid(feats)
+    n = full.shape[1]
+    for channels in (np.arange(n), np.array([0, 2, n - 1]), np.array([n - 2, n - 1]), np.array([1]),
+                     np.array([n - 1, 0, 3])):
+        torch.testing.assert_close(_concat_on_first_grid(feats, channels), full[:, channels],
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def test_the_default_extractor_computes_only_the_kept_channels(monkeypatch, tiny_extractor,
+                                                               normal_images, test_images, tmp_path):
+    # From images, the detector asks the extractor for its channels alone (for
+    # wide backbones the concatenation of all channels is most of a batch's
+    # memory); the Gaussians, threshold and scores are those of all channels.
+    asked = []
+    transform = TorchvisionExtractor._transform
+
+    def recording(self, X, channels=None):
+        asked.append(None if channels is None else list(channels))
+        return transform(self, X, channels)
+
+    monkeypatch.setattr(TorchvisionExtractor, "_transform", recording)
+    det = PatchGaussianDetector(tiny_extractor, n_features=6, random_state=0).fit(normal_images)
+    scores = det.score_samples(test_images)
+    kept = det.channel_indices_.tolist()
+    assert asked and all(a == kept for a in asked) and len(kept) < det.n_features_in_
+    asked.clear()
+    emb = det.feature_extractor_.transform(normal_images)
+    assert asked == [None] and emb.shape[1] == det.n_features_in_
+    on_all = PatchGaussianDetector(n_features=6, random_state=0).fit(emb)
+    np.testing.assert_array_equal(on_all.channel_indices_, det.channel_indices_)
+    np.testing.assert_array_equal(on_all.gaussian_.cholesky_, det.gaussian_.cholesky_)
+    assert on_all.offset_ == det.offset_
+    np.testing.assert_array_equal(on_all.score_samples(det.feature_extractor_.transform(test_images)),
+                                  scores)  # fmt: skip
+    # Through an embedding cache, which keeps all channels: asked for all.
+    asked.clear()
+    cached = PatchGaussianDetector(clone(tiny_extractor).set_params(memory=str(tmp_path)),
+                                   n_features=6, random_state=0).fit(normal_images)  # fmt: skip
+    assert asked and all(a is None for a in asked)
+    np.testing.assert_array_equal(cached.score_samples(test_images), scores)
 
 
 def test_fit_predict_uses_the_labels_as_fit_does(tiny_extractor, normal_images, test_images):
