@@ -843,6 +843,11 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         )
         subsets = _computes_subsets(extractor, X)
         channels = self.channel_indices_ if subsets else None
+        if subsets and extractor.n_channels_ != self.n_features_in_:  # _select's check, early
+            raise ValueError(
+                f"X: embeddings have {extractor.n_channels_} channels but the detector was "
+                f"fitted on {self.n_features_in_}."
+            )
         for emb in self._embedding_batches(X, extractor, channels):
             if check_aspect:
                 self._check_aspect(emb, start)

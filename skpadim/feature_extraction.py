@@ -645,8 +645,14 @@ def _concat_on_first_grid(feats, channels=None):
     n, _, H, W = feats[0].shape  # the first layer's grid, whichever channels are kept
     if channels is not None:
         channels = np.asarray(channels)
-        if np.any(np.diff(channels) <= 0):  # not sorted and unique: pick from the whole
+        total = sum(f.shape[1] for f in feats)
+        if len(channels) and (channels.min() < 0 or channels.max() >= total):
+            raise IndexError(f"channels {channels.tolist()} out of range for {total} channels")
+        if len(channels) == total and np.array_equal(channels, np.arange(total)):
+            channels = None  # all of them: nothing to pick
+        elif np.any(np.diff(channels) <= 0):  # not sorted and unique: pick from the whole
             return _concat_on_first_grid(feats)[:, torch.as_tensor(channels, device=feats[0].device)]
+    if channels is not None:
         picked, offset = [], 0
         for f in feats:
             mine = channels[(channels >= offset) & (channels < offset + f.shape[1])] - offset

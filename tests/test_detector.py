@@ -616,6 +616,8 @@ def test_channels_picked_before_upsampling_are_those_of_the_concatenation(grids)
                      np.array([n - 1, 0, 3])):
         torch.testing.assert_close(_concat_on_first_grid(feats, channels), full[:, channels],
                                    rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(IndexError, match="out of range"):
+        _concat_on_first_grid(feats, np.array([0, n]))
 
 
 def test_the_default_extractor_computes_only_the_kept_channels(monkeypatch, tiny_extractor,
@@ -650,6 +652,11 @@ def test_the_default_extractor_computes_only_the_kept_channels(monkeypatch, tiny
                                    n_features=6, random_state=0).fit(normal_images)  # fmt: skip
     assert asked and all(a is None for a in asked)
     np.testing.assert_array_equal(cached.score_samples(test_images), scores)
+    # An extractor swapped after fit for one of more channels is refused, not
+    # silently read at the old indices.
+    det.feature_extractor_ = clone(tiny_extractor).set_params(layers=("stem", "block1", "block2")).fit()
+    with pytest.raises(ValueError, match="embeddings have 28 channels but the detector was fitted on 20"):
+        det.score_samples(test_images)
 
 
 def test_fit_predict_uses_the_labels_as_fit_does(tiny_extractor, normal_images, test_images):
