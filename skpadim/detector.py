@@ -602,13 +602,18 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 "the training images' proportions."
             )
 
-    def _select(self, emb, take):
-        if emb.shape[1] != self.n_features_in_:
+    def _select(self, emb, take, picked=False):
+        """The kept channels of ``emb``, pooled; ``picked``: ``emb`` holds only them."""
+        if not picked:
+            self._check_channel_count(emb.shape[1])
+        return self._pooled(take(emb))
+
+    def _check_channel_count(self, n_channels):
+        if n_channels != self.n_features_in_:
             raise ValueError(
-                f"X: embeddings have {emb.shape[1]} channels but the detector was fitted "
+                f"X: embeddings have {n_channels} channels but the detector was fitted "
                 f"on {self.n_features_in_}."
             )
-        return self._pooled(take(emb))
 
     def _pooled(self, selected):
         selected = torch.from_numpy(np.ascontiguousarray(selected))
@@ -770,17 +775,16 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             n_channels = extractor.n_channels_
             if channels is None:
                 channels = self._draw_channels(n_channels)
+            take = np.asarray
         for emb in self._embedding_batches(X, extractor, channels if subsets else None):
             if start == 0:
                 input_shape = emb.input_shape
-            if subsets:
-                take = np.asarray  # already the kept channels
-            elif n_channels is None:
+            if n_channels is None:  # (known already where the extractor picks them)
                 n_channels = emb.shape[1]
                 if channels is None:
                     channels = self._draw_channels(n_channels)
                 take = _ChannelTaker(channels)
-            elif emb.shape[1] != n_channels:
+            elif not subsets and emb.shape[1] != n_channels:
                 raise ValueError(
                     f"The feature extractor returned {emb.shape[1]} channels for one batch "
                     f"and {n_channels} for another."
@@ -842,17 +846,14 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             and tuple(self.input_shape_) != tuple(self.gaussian_.grid_shape_)
         )
         subsets = _computes_subsets(extractor, X)
-        channels = self.channel_indices_ if subsets else None
-        if subsets and extractor.n_channels_ != self.n_features_in_:  # _select's check, early
-            raise ValueError(
-                f"X: embeddings have {extractor.n_channels_} channels but the detector was "
-                f"fitted on {self.n_features_in_}."
-            )
+        channels = None
+        if subsets:  # the extractor computes the kept channels only
+            self._check_channel_count(extractor.n_channels_)  # before any image is read
+            channels, take = self.channel_indices_, np.asarray
         for emb in self._embedding_batches(X, extractor, channels):
             if check_aspect:
                 self._check_aspect(emb, start)
-            selected = self._pooled(emb) if subsets else self._select(emb, take)
-            dist = self.gaussian_._mahalanobis_tensor(selected)
+            dist = self.gaussian_._mahalanobis_tensor(self._select(emb, take, subsets))
             if in_fit is not None:
                 dist = _leave_one_out_distances(
                     dist, torch.from_numpy(in_fit[start : start + len(emb)]), counts, shrinkage)
