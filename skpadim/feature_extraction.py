@@ -817,6 +817,19 @@ class _NotCached(Exception):
     """Raised inside the cached function on a miss, so that joblib stores nothing."""
 
 
+def _computing_environment(device):
+    """What besides the model and the pixels changes an embedding's values: the
+    device type (a GPU's kernels round differently from a CPU's, by about 1e-3)
+    and the code that resizes, normalises and runs the model (an upgrade may
+    change them). Part of the ``memory`` cache's key, so that a cache filled
+    elsewhere is not served as if computed here."""
+    import torchvision
+
+    from . import __version__
+
+    return (resolve_device(device).type, torch.__version__, torchvision.__version__, __version__)
+
+
 def _cached_embedding(feature_key, image_digest, computed=None):
     """The embedding of one image in a ``memory`` cache (``computed`` is not part of the key).
 
@@ -876,8 +889,9 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         Where the backbone runs.
     memory : str, joblib.Memory or None, default=None
         Caches the embedding of each image on disk (a folder path, or a
-        :class:`joblib.Memory`), keyed by its pixels and by every parameter
-        that changes the features. A hyper-parameter search that varies only the
+        :class:`joblib.Memory`), keyed by its pixels, by every parameter that
+        changes the features, by the device type and by the versions of torch,
+        torchvision and skpadim. A hyper-parameter search that varies only the
         detector's parameters then runs the backbone once per image instead of
         once per candidate and fold, and a detector's second pass over its
         training images (for the threshold) is read from the cache. Clones
@@ -1286,7 +1300,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             self._key_memo = memo
         name = self.backbone if isinstance(self.backbone, str) else "module"
         return (name, _structure_digest(self.model_), memo[1], self.layers_, self.resize_shape_,
-                self.crop_box_, self.mean_, self.std_)
+                self.crop_box_, self.mean_, self.std_, _computing_environment(self.device))
 
     def __getstate__(self):
         # The traced module is pickled as its weights (on the CPU, so that a model

@@ -596,3 +596,34 @@ def test_recent_embeddings_are_bounded_and_read_only(fresh_memos):
     assert recent.get(4) is None and recent._nbytes <= recent.max_bytes
     with pytest.raises(ValueError, match="read-only"):
         arrays[0][0] = 1.0
+
+
+def test_cache_keys_the_device_and_library_versions(fresh_memos, tmp_path, monkeypatch):
+    # Embeddings cached on another device or before an upgrade of the code that
+    # computes them are not served: the same model and pixels miss the cache.
+    import torchvision as tv
+
+    import skpadim
+    import skpadim.feature_extraction as fe
+
+    X = torch.rand(2, 3, 32, 32)
+    embedded = _count_calls(monkeypatch, TorchvisionExtractor, "embed")
+    ext = TorchvisionExtractor("resnet18", layers=("layer1",), weights=None, image_size=32,
+                               memory=str(tmp_path)).fit()
+    first = ext.transform(X)
+    np.testing.assert_array_equal(ext.transform(X), first)
+    assert len(embedded) == 1  # the second call was served from the cache
+    for module, name in ((torch, "__version__"), (tv, "__version__"), (skpadim, "__version__")):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, "0.0.0-other")
+            before = len(embedded)
+            np.testing.assert_array_equal(ext.transform(X), first)  # same values: same code
+            assert len(embedded) == before + 1, f"{module.__name__}.{name} is not in the key"
+    assert len(embedded) == 4
+    np.testing.assert_array_equal(ext.transform(X), first)
+    assert len(embedded) == 4  # back on the original versions: served again
+    # The device type: a GPU's embeddings differ from a CPU's in the last digits.
+    key = ext._feature_key()
+    monkeypatch.setattr(fe, "resolve_device", lambda device: torch.device("cuda", 0))
+    other = ext._feature_key()
+    assert other != key and other[:-1] == key[:-1]
