@@ -838,10 +838,35 @@ def _unpack_lower(tril, c, dtype):
     return full
 
 
-def _positions_view(X):
-    """(n, C, h, w) -> (P, n, C) without copying the channels."""
+def _positions_gatherer(X):
+    """For samples ``X`` (n, C, h, w): a function ``(start, stop) -> (m, C, n)``,
+    positions ``start:stop`` with each position's samples as columns.
+
+    The result is a strided view of a buffer reused from one call to the next
+    (valid until the next call), in ``X``'s dtype and on its device. It is
+    gathered in two copies, (n, C, m) -> (C, m, n), then viewed as (m, C, n):
+    the first reads rows of ``m`` contiguous values and the view's inner
+    dimension is contiguous, so that the caller's next pass over it (one that
+    writes a contiguous result) is fast too. Gathering the (m, C, n) layout
+    straight from ``X`` reads with a stride of ``C * h * w`` at every value: 3
+    to 7 times slower for a batch of 32 images.
+    """
     n, c, h, w = X.shape
-    return X.reshape(n, c, h * w).permute(2, 0, 1)
+    X3 = X.reshape(n, c, h * w)
+    buffer = None
+
+    def gather(start, stop):
+        nonlocal buffer
+        src = X3[:, :, start:stop]
+        m = src.shape[-1]
+        if buffer is None or buffer.numel() < src.numel():
+            buffer = None
+            buffer = torch.empty(src.numel(), dtype=X.dtype, device=X.device)
+        t = buffer[: src.numel()].view(c, m, n)
+        t.copy_(src.permute(1, 2, 0))
+        return t.permute(1, 0, 2)
+
+    return gather
 
 
 def _chunk_size(n, c, bytes_per_value=8):
@@ -1274,7 +1299,7 @@ class PatchCovariance(BaseEstimator):
         X = self._check_embeddings(X, reset=False)
         device = resolve_device(self.device)
         n, c, h, w = X.shape
-        Y = _positions_view(X)
+        positions = _positions_gatherer(X)
         # Whitening matrices make scoring several times faster but are as large as
         # the factors; past a size, solve with the factors chunk by chunk instead.
         whitening = self._whitening_matrices() if self.cholesky_.nbytes <= _WHITENING_BYTES else None
@@ -1290,7 +1315,7 @@ class PatchCovariance(BaseEstimator):
                 loc = torch.from_numpy(self.location_[start:stop]).to(device)
             else:
                 loc = resident[0][start:stop]
-            rows = Y[start:stop].to(device=device, dtype=dtype).transpose(1, 2)
+            rows = positions(start, stop).to(device=device, dtype=dtype)
             if diff_buffer is None:
                 diff_buffer = torch.empty(rows.shape, dtype=dtype, device=device)
             # Contiguous (batched products are much slower on strided operands),

@@ -274,6 +274,34 @@ def test_large_models_score_by_triangular_solves(monkeypatch, block):
                                    atol=1e-12 * np.abs(expected).max())
 
 
+def test_positions_are_gathered_exactly_chunk_after_chunk():
+    from skpadim.covariance import _positions_gatherer
+
+    rng = np.random.RandomState(3)
+    X = torch.from_numpy(rng.randn(5, 4, 3, 7))
+    expected = X.reshape(5, 4, 21).permute(2, 1, 0)  # (P, C, n)
+    for source in (X, X.transpose(2, 3).contiguous().transpose(2, 3)):  # and a strided one
+        gather = _positions_gatherer(source)
+        # A large chunk, then smaller ones in the same buffer, and a ragged last one.
+        for start, stop in ((0, 13), (13, 16), (16, 21), (5, 9), (18, 40)):
+            np.testing.assert_array_equal(gather(start, stop), expected[start:stop])
+
+
+def test_whitened_scoring_chunk_by_chunk_matches_numpy(monkeypatch):
+    X = _embeddings(n=30, c=6, h=3, w=4, seed=9)
+    est = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
+    whole = est.mahalanobis(X[:7])
+    monkeypatch.setattr(skpadim.covariance, "_CHUNK_BYTES", 4700)  # chunks of 5, 5 and 2 positions
+    assert skpadim.covariance._chunk_size(7, 6, 4) == 5
+    chunked = est.mahalanobis(X[:7])
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12)
+    x = X[:7].reshape(7, 6, -1)
+    for p in range(x.shape[-1]):
+        z = np.linalg.solve(est.cholesky_[p], (x[:, :, p] - est.location_[p]).T)
+        np.testing.assert_allclose(chunked.reshape(7, -1)[:, p], np.linalg.norm(z, axis=0),
+                                   rtol=1e-10)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny working-set budgets and row blocks, so that every chunk loop of the fit
