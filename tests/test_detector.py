@@ -509,6 +509,26 @@ def test_patch_trim_leaves_out_the_farthest_patches_per_position(normal_images, 
     assert gap(trimmed.score_samples(test_images)) > gap(naive.score_samples(test_images))
 
 
+@pytest.mark.parametrize("size", [3, 5, 7])
+@pytest.mark.parametrize("grid", [(6, 9), (2, 7), (1, 1), (4, 3)], ids=str)
+def test_pooling_averages_the_neighbours_that_exist(size, grid):
+    from skpadim.detector import _pool_embeddings
+
+    emb = np.random.RandomState(size).randn(3, 4, *grid)
+    before = emb.copy()
+    pooled = _pool_embeddings(torch.from_numpy(emb), size)
+    np.testing.assert_allclose(pooled.numpy(), _pool_plainly(emb, size), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(emb, before)  # the input is left alone
+    # float32, and a strided view (a channel subset) as input.
+    view = torch.from_numpy(emb.astype(np.float32))[:, ::2]
+    np.testing.assert_allclose(_pool_embeddings(view, size).numpy(),
+                               _pool_plainly(emb[:, ::2], size), rtol=1e-5, atol=1e-6)
+    # Integers are averaged as real numbers, not truncated.
+    ints = np.random.RandomState(0).randint(0, 9, size=(2, 3, *grid))
+    np.testing.assert_allclose(_pool_embeddings(torch.from_numpy(ints), size).numpy(),
+                               _pool_plainly(ints.astype(float), size), rtol=1e-6)
+
+
 def test_even_pooling_is_refused(normal_images):
     with pytest.raises(ValueError, match="pooling must be odd"):
         _tiny_detector(pooling=2).fit(normal_images)
