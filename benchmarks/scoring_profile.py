@@ -6,8 +6,10 @@ on its own:
 
 * ``preprocess``: resize to the extractor's frame and normalise;
 * ``backbone``: the forward pass to the chosen layers, and their concatenation
-  on the first layer's grid;
-* ``select``: the detector's channel subset (and neighbourhood pooling);
+  on the first layer's grid, of the detector's channel subset only (the
+  default extractor computes those alone, as the detector asks it to);
+* ``select``: what the detector then does to them before the distances:
+  neighbourhood pooling (``pooling``);
 * ``mahalanobis``: the distance of every patch to its position's Gaussian;
 * ``upsample+blur``: bilinear upsampling to the frame and the Gaussian blur;
 * ``image score``: the score of each map;
@@ -62,7 +64,7 @@ def profile(backbone, n_features, train, test, args):
     from skpadim._images import ValidatedImages, iter_image_batches
     from skpadim.feature_extraction import _concat_on_first_grid
     from skpadim.detector import (
-        _ChannelTaker, _to_image_resolution, _image_scores_from_maps, _upsample_and_blur,
+        _computes_subsets, _to_image_resolution, _image_scores_from_maps, _upsample_and_blur,
     )
 
     torch.manual_seed(0)
@@ -72,6 +74,9 @@ def profile(backbone, n_features, train, test, args):
         n_features=n_features, batch_size=args.batch_size, random_state=0,
     ).fit(train)
     ext = det.feature_extractor_
+    if not _computes_subsets(ext, test):
+        raise RuntimeError("the detector no longer has its extractor compute the kept channels alone")
+    channels = det.channel_indices_
     device = torch.device("cpu")
     totals = dict.fromkeys(STEPS, 0.0)
     batches = list(iter_image_batches(test, args.batch_size))
@@ -82,9 +87,9 @@ def profile(backbone, n_features, train, test, args):
         x = ext._preprocess(batch, device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            emb = _concat_on_first_grid(ext._features(x, device)).numpy()
+            emb = _concat_on_first_grid(ext._features(x, device), channels).numpy()
         t2 = time.perf_counter()
-        selected = det._pooled(_ChannelTaker(det.channel_indices_)(emb))
+        selected = det._pooled(emb)
         t3 = time.perf_counter()
         dist = det.gaussian_._mahalanobis_tensor(selected)
         t4 = time.perf_counter()
