@@ -99,8 +99,9 @@ def _pool_embeddings(emb, size):
     """
     if size == 1:
         return emb
-    if not emb.is_floating_point():  # integer embeddings: an average is not an integer
-        emb = emb.to(torch.float32)
+    # At least float32: an average of integers is not an integer, and float16
+    # sums of nine or 25 values would lose digits or overflow.
+    emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
     # Separable: sums along rows, then along columns, then one division by the
     # number of neighbours each sum holds. Twice as fast on a CPU as
     # avg_pool2d, which visits the whole size x size window of every value.

@@ -527,6 +527,10 @@ def test_pooling_averages_the_neighbours_that_exist(size, grid):
     ints = np.random.RandomState(0).randint(0, 9, size=(2, 3, *grid))
     np.testing.assert_allclose(_pool_embeddings(torch.from_numpy(ints), size).numpy(),
                                _pool_plainly(ints.astype(float), size), rtol=1e-6)
+    # float16 values whose sum exceeds float16's range (65504) are averaged whole.
+    large = np.full((1, 2, *grid), 30000.0)
+    np.testing.assert_allclose(_pool_embeddings(torch.from_numpy(large.astype(np.float16)), size),
+                               large, rtol=1e-6)
 
 
 def test_even_pooling_is_refused(normal_images):
