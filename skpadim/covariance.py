@@ -838,18 +838,19 @@ def _unpack_lower(tril, c, dtype):
     return full
 
 
-def _positions_gatherer(X):
+def _positions_gatherer(X, dtype):
     """For samples ``X`` (n, C, h, w): a function ``(start, stop) -> (m, C, n)``,
-    positions ``start:stop`` with each position's samples as columns.
+    positions ``start:stop`` with each position's samples as columns, in ``dtype``.
 
-    The result is a strided view of a buffer reused from one call to the next
-    (valid until the next call), in ``X``'s dtype and on its device. It is
-    gathered in two copies, (n, C, m) -> (C, m, n), then viewed as (m, C, n):
-    the first reads rows of ``m`` contiguous values and the view's inner
-    dimension is contiguous, so that the caller's next pass over it (one that
-    writes a contiguous result) is fast too. Gathering the (m, C, n) layout
-    straight from ``X`` reads with a stride of ``C * h * w`` at every value: 3
-    to 7 times slower for a batch of 32 images.
+    The result is a view of a buffer on ``X``'s device, reused from one call to
+    the next (valid until the next call). One copy fills it in the (C, m, n)
+    layout: moving along a row there, the source moves from one row of ``X``'s
+    positions to the next at the same place, whose cache lines the previous
+    row of the buffer brought in. The caller's next pass, which writes a
+    contiguous (m, C, n) result, then reads runs of ``n`` contiguous values.
+    Writing the (m, C, n) layout straight from ``X`` moves to another channel
+    at every ``n`` values and comes back to a row only after all ``C``: 3 to 7
+    times slower for a batch of 32 images.
     """
     n, c, h, w = X.shape
     X3 = X.reshape(n, c, h * w)
@@ -861,7 +862,7 @@ def _positions_gatherer(X):
         m = src.shape[-1]
         if buffer is None or buffer.numel() < src.numel():
             buffer = None
-            buffer = torch.empty(src.numel(), dtype=X.dtype, device=X.device)
+            buffer = torch.empty(src.numel(), dtype=dtype, device=X.device)
         t = buffer[: src.numel()].view(c, m, n)
         t.copy_(src.permute(1, 2, 0))
         return t.permute(1, 0, 2)
@@ -870,7 +871,10 @@ def _positions_gatherer(X):
 
 
 def _chunk_size(n, c, bytes_per_value=8):
-    per_position = max(n * c + c * c, 1) * bytes_per_value * 3
+    """Positions per scoring chunk of ``n`` images: its temporaries are four
+    ``n x C`` arrays per position (gathered samples, residuals, whitened
+    residuals, their squares) and up to three ``C x C`` ones."""
+    per_position = max(4 * n * c + 3 * c * c, 1) * bytes_per_value
     return max(1, _CHUNK_BYTES // per_position)
 
 
@@ -1299,14 +1303,15 @@ class PatchCovariance(BaseEstimator):
         X = self._check_embeddings(X, reset=False)
         device = resolve_device(self.device)
         n, c, h, w = X.shape
-        positions = _positions_gatherer(X)
         # Whitening matrices make scoring several times faster but are as large as
         # the factors; past a size, solve with the factors chunk by chunk instead.
         whitening = self._whitening_matrices() if self.cholesky_.nbytes <= _WHITENING_BYTES else None
         dtype = torch.from_numpy(self.cholesky_[:0]).dtype
         blocked = whitening is None and _tuned_for_cpu(device)
         resident = self._resident_operands(device, whitening)
-        step = max(1, _SOLVE_CHUNK_BYTES // (3 * n * c * 4)) if blocked else _chunk_size(n, c, 4)
+        # (The blocked solves' chunk holds four n x C arrays per position, as above.)
+        step = max(1, _SOLVE_CHUNK_BYTES // (4 * n * c * 4)) if blocked else _chunk_size(n, c, 4)
+        positions = _positions_gatherer(X, dtype)
         out = torch.empty((h * w, n), dtype=dtype, device=device)
         diff_buffer = None
         for start in range(0, h * w, step):
@@ -1315,7 +1320,7 @@ class PatchCovariance(BaseEstimator):
                 loc = torch.from_numpy(self.location_[start:stop]).to(device)
             else:
                 loc = resident[0][start:stop]
-            rows = positions(start, stop).to(device=device, dtype=dtype)
+            rows = positions(start, stop).to(device)
             if diff_buffer is None:
                 diff_buffer = torch.empty(rows.shape, dtype=dtype, device=device)
             # Contiguous (batched products are much slower on strided operands),

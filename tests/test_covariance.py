@@ -280,18 +280,21 @@ def test_positions_are_gathered_exactly_chunk_after_chunk():
     rng = np.random.RandomState(3)
     X = torch.from_numpy(rng.randn(5, 4, 3, 7))
     expected = X.reshape(5, 4, 21).permute(2, 1, 0)  # (P, C, n)
-    for source in (X, X.transpose(2, 3).contiguous().transpose(2, 3)):  # and a strided one
-        gather = _positions_gatherer(source)
+    strided = X.transpose(2, 3).contiguous().transpose(2, 3)
+    for source, dtype in ((X, torch.float64), (strided, torch.float64), (X, torch.float32)):
+        gather = _positions_gatherer(source, dtype)
         # A large chunk, then smaller ones in the same buffer, and a ragged last one.
         for start, stop in ((0, 13), (13, 16), (16, 21), (5, 9), (18, 40)):
-            np.testing.assert_array_equal(gather(start, stop), expected[start:stop])
+            rows = gather(start, stop)
+            assert rows.dtype == dtype
+            np.testing.assert_array_equal(rows, expected[start:stop].to(dtype))
 
 
 def test_whitened_scoring_chunk_by_chunk_matches_numpy(monkeypatch):
     X = _embeddings(n=30, c=6, h=3, w=4, seed=9)
     est = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
     whole = est.mahalanobis(X[:7])
-    monkeypatch.setattr(skpadim.covariance, "_CHUNK_BYTES", 4700)  # chunks of 5, 5 and 2 positions
+    monkeypatch.setattr(skpadim.covariance, "_CHUNK_BYTES", 5600)  # chunks of 5, 5 and 2 positions
     assert skpadim.covariance._chunk_size(7, 6, 4) == 5
     chunked = est.mahalanobis(X[:7])
     np.testing.assert_allclose(chunked, whole, rtol=1e-12)
