@@ -33,6 +33,11 @@ _ASPECT_TOLERANCE = 0.1
 # EfficientNet-Lite0 extractor's 176, and a random subset of wider backbones,
 # whose per-position covariances would otherwise grow with the square.
 _AUTO_MAX_FEATURES = 200
+# Neighbourhood pooling goes through the channels in blocks of about this many
+# bytes: its one temporary, the sums along rows, is one block, and stays in
+# cache while the sums along columns read it (3 x 3 on 32 images of 56 x 56
+# positions, 2 CPU threads: 2 MB blocks 1.3-1.4x faster than 8 MB or whole).
+_POOL_BLOCK_BYTES = 2 * 2**20
 
 
 def _gaussian_blur(maps, sigma):
@@ -99,23 +104,32 @@ def _pool_embeddings(emb, size):
     """
     if size == 1:
         return emb
+    n, c, h, w = emb.shape
+    radius = size // 2
     # At least float32: an average of integers is not an integer, and float16
     # sums of nine or 25 values would lose digits or overflow.
-    emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
+    out = torch.empty((n, c, h, w), dtype=torch.promote_types(emb.dtype, torch.float32),
+                      device=emb.device)  # fmt: skip
+    counts = _box_counts(h, radius, out)[:, None] * _box_counts(w, radius, out)[None, :]
     # Separable: sums along rows, then along columns, then one division by the
-    # number of neighbours each sum holds. Twice as fast on a CPU as
-    # avg_pool2d, which visits the whole size x size window of every value.
-    radius = size // 2
-    sums = _box_sums(_box_sums(emb, radius, dim=2), radius, dim=3)
-    h, w = emb.shape[2:]
-    counts = _box_counts(h, radius, emb)[:, None] * _box_counts(w, radius, emb)[None, :]
-    return sums.div_(counts)
+    # number of neighbours each sum holds: 3 times as fast on a CPU as
+    # avg_pool2d, which visits the whole window of every value. A block of
+    # channels at a time, so that the row sums, the one temporary, stay small.
+    step = max(1, _POOL_BLOCK_BYTES // (n * h * w * out.element_size()))
+    rows = None
+    for c0 in range(0, c, step):
+        block = emb[:, c0 : c0 + step]
+        if rows is None or rows.shape != block.shape:
+            rows = torch.empty(block.shape, dtype=out.dtype, device=out.device)
+        _box_sums(block, radius, 2, out=rows)
+        _box_sums(rows, radius, 3, out=out[:, c0 : c0 + step]).div_(counts)
+    return out
 
 
-def _box_sums(x, radius, dim):
+def _box_sums(x, radius, dim, out):
     """Sum of each value of ``x`` and its ``radius`` neighbours on either side
-    along ``dim`` (as many as exist), in a new tensor."""
-    out = x.clone()
+    along ``dim`` (as many as exist), into ``out``."""
+    out.copy_(x)
     n = x.shape[dim]
     for shift in range(1, min(radius, n - 1) + 1):
         out.narrow(dim, shift, n - shift).add_(x.narrow(dim, 0, n - shift))

@@ -527,6 +527,11 @@ def test_pooling_averages_the_neighbours_that_exist(size, grid):
     ints = np.random.RandomState(0).randint(0, 9, size=(2, 3, *grid))
     np.testing.assert_allclose(_pool_embeddings(torch.from_numpy(ints), size).numpy(),
                                _pool_plainly(ints.astype(float), size), rtol=1e-6)
+    # Channels in several blocks (the last one ragged), with the row sums reused.
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(skpadim.detector, "_POOL_BLOCK_BYTES", 9 * 8 * grid[0] * grid[1])  # 3 channels
+        np.testing.assert_allclose(_pool_embeddings(torch.from_numpy(emb), size).numpy(),
+                                   _pool_plainly(emb, size), rtol=1e-12, atol=1e-12)
     # float16 values whose sum exceeds float16's range (65504) are averaged whole.
     large = np.full((1, 2, *grid), 30000.0)
     np.testing.assert_allclose(_pool_embeddings(torch.from_numpy(large.astype(np.float16)), size),
