@@ -820,9 +820,10 @@ class _NotCached(Exception):
 def _computing_environment(device):
     """What besides the model and the pixels changes an embedding's values: the
     device type (a GPU's kernels round differently from a CPU's, by about 1e-3)
-    and the code that resizes, normalises and runs the model (an upgrade may
-    change them). Part of the ``memory`` cache's key, so that a cache filled
-    elsewhere is not served as if computed here."""
+    and the versions of the code that resizes, normalises and runs the model.
+    Part of the ``memory`` cache's key, so that embeddings cached on the other
+    kind of device or before an upgrade are computed anew. (GPUs of different
+    models, which may differ as much, share entries.)"""
     import torchvision
 
     from . import __version__
