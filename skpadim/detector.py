@@ -115,7 +115,7 @@ def _pool_embeddings(emb, size):
     # number of neighbours each sum holds: 3 times as fast on a CPU as
     # avg_pool2d, which visits the whole window of every value. A block of
     # channels at a time, so that the row sums, the one temporary, stay small.
-    step = max(1, _POOL_BLOCK_BYTES // (n * h * w * out.element_size()))
+    step = max(1, _POOL_BLOCK_BYTES // max(1, n * h * w * out.element_size()))
     rows = None
     for c0 in range(0, c, step):
         block = emb[:, c0 : c0 + step]
