@@ -36,7 +36,7 @@ _AUTO_MAX_FEATURES = 200
 # Neighbourhood pooling goes through the channels in blocks of about this many
 # bytes: its one temporary, the sums along rows, is one block, and stays in
 # cache while the sums along columns read it (3 x 3 on 32 images of 56 x 56
-# positions, 2 CPU threads: 2 MB blocks 1.3-1.4x faster than 8 MB or whole).
+# positions, 2 CPU threads: 2 MB blocks 1.33-1.55x faster than 8 MB or whole).
 _POOL_BLOCK_BYTES = 2 * 2**20
 
 
