@@ -129,13 +129,105 @@ class PatchEmbeddings(np.ndarray):
         out = super().__getitem__(key)
         if not isinstance(out, PatchEmbeddings):
             return out
-        if out.ndim != 4:
+        rows = _row_index(key)
+        if out.ndim != 4 or rows is None:
             return out.view(np.ndarray)  # no longer one embedding grid per image
-        # An empty tuple selects everything (np.isclose indexes its result with one).
-        rows = (key[0] if key else Ellipsis) if isinstance(key, tuple) else key
         if rows is not Ellipsis:
             # Selecting images selects their shapes too.
             out.image_shapes = self.image_shapes[rows]
+        return out
+
+    # Reordering or regrouping the axes (a transpose, a reshape) leaves an array
+    # whose first axis is not the images, or whose grid is not the one the
+    # geometry describes: a plain array then, as after a reduction.
+    def transpose(self, *axes):
+        """:meth:`numpy.ndarray.transpose`, a plain array unless nothing moved.
+
+        Parameters
+        ----------
+        *axes
+            As for :meth:`numpy.ndarray.transpose`.
+
+        Returns
+        -------
+        out : PatchEmbeddings or ndarray
+            PatchEmbeddings only with the same shape and strides as ``self``.
+        """
+        return self._same_layout_or_plain(super().transpose(*axes))
+
+    def swapaxes(self, axis1, axis2):
+        """:meth:`numpy.ndarray.swapaxes`, a plain array unless nothing moved.
+
+        Parameters
+        ----------
+        axis1, axis2
+            As for :meth:`numpy.ndarray.swapaxes`.
+
+        Returns
+        -------
+        out : PatchEmbeddings or ndarray
+            PatchEmbeddings only with the same shape and strides as ``self``.
+        """
+        return self._same_layout_or_plain(super().swapaxes(axis1, axis2))
+
+    def reshape(self, *shape, **kwargs):
+        """:meth:`numpy.ndarray.reshape`, a plain array unless nothing moved.
+
+        Parameters
+        ----------
+        *shape, **kwargs
+            As for :meth:`numpy.ndarray.reshape`.
+
+        Returns
+        -------
+        out : PatchEmbeddings or ndarray
+            PatchEmbeddings only with the same shape and strides as ``self``.
+        """
+        return self._same_layout_or_plain(super().reshape(*shape, **kwargs))
+
+    def squeeze(self, axis=None):
+        """:meth:`numpy.ndarray.squeeze`, a plain array unless nothing moved.
+
+        Parameters
+        ----------
+        axis
+            As for :meth:`numpy.ndarray.squeeze`.
+
+        Returns
+        -------
+        out : PatchEmbeddings or ndarray
+            PatchEmbeddings only with the same shape and strides as ``self``.
+        """
+        return self._same_layout_or_plain(super().squeeze(axis))
+
+    def ravel(self, order="C"):
+        """:meth:`numpy.ndarray.ravel`, a plain array unless nothing moved.
+
+        Parameters
+        ----------
+        order
+            As for :meth:`numpy.ndarray.ravel`.
+
+        Returns
+        -------
+        out : PatchEmbeddings or ndarray
+            PatchEmbeddings only with the same shape and strides as ``self``.
+        """
+        return self._same_layout_or_plain(super().ravel(order))
+
+    @property
+    def T(self):
+        """The transposed array, plain (see :meth:`transpose`)."""
+        return self.transpose()
+
+    @property
+    def mT(self):
+        """The array with its last two axes swapped, plain (see :meth:`swapaxes`)."""
+        return self.swapaxes(-1, -2)
+
+    def _same_layout_or_plain(self, out):
+        if isinstance(out, PatchEmbeddings) and (out.shape != self.shape or out.strides != self.strides):
+            return out.view(np.ndarray)
         return out
 
     # ndarray's take, compress and repeat build their result without indexing,
@@ -233,6 +325,23 @@ class PatchEmbeddings(np.ndarray):
     def __setstate__(self, state):
         base, self.image_shapes, self.resize_shape, self.crop_box = state
         super().__setstate__(base)
+
+
+def _row_index(key):
+    """What an index ``key`` of PatchEmbeddings takes along the images: Ellipsis
+    for all of them, an index into the rows, or None when the result's first
+    axis is not (a selection of) the images: a new axis, or index arrays on
+    other axes too, which numpy broadcasts together."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is None for k in key):
+        return None
+    arrays = [k for k in key if not isinstance(k, (slice, type(Ellipsis), numbers.Integral))]
+    if len(arrays) > 1:
+        return None
+    if not key or (key[0] is Ellipsis and len(key) <= 4):  # (an empty tuple selects all)
+        return Ellipsis
+    return key[1] if key[0] is Ellipsis else key[0]
 
 
 def _as_patch_embeddings(X):

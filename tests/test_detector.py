@@ -633,6 +633,27 @@ def test_results_with_other_images_than_their_shapes_are_plain_arrays():
     assert type(emb.sum()) is np.float64 and type(np.max(emb)) is np.float64  # as for ndarray
 
 
+def test_reordered_axes_and_new_axes_give_plain_arrays():
+    # A transpose kept the image shapes on an array whose first axis is the
+    # channels (3 rows, 2 shapes); emb[None, 0] gave shapes of shape (1, 2, 2).
+    emb = PatchEmbeddings(np.arange(96.0).reshape(2, 3, 4, 4), image_shapes=[(10, 20), (30, 40)],
+                          resize_shape=(16, 16))  # fmt: skip
+    square = PatchEmbeddings(np.zeros((3, 3, 2, 2)), image_shapes=[(1, 2), (3, 4), (5, 6)])
+    for out in (emb.transpose(1, 0, 2, 3), emb.T, np.transpose(emb), emb.swapaxes(0, 1),
+                np.moveaxis(emb, 1, 0), emb.mT, square.transpose(1, 0, 2, 3),
+                emb.reshape(2, 3, 16, 1), emb.ravel(), emb[:1].squeeze(), emb[None, 0],
+                emb[np.array([[0], [1]]), [0, 1, 2]]):  # fmt: skip
+        assert type(out) is np.ndarray, out.shape
+    # Operations that leave the images on the first axis keep their shapes.
+    cases = [(emb.transpose(0, 1, 2, 3), [0, 1]), (emb.reshape(2, 3, 4, 4), [0, 1]),
+             (emb[..., :2], [0, 1]), (emb[..., 1:, :, :, :], [1]), (emb[1:, [0, 2]], [1]),
+             (emb[::-1, :, 1:], [1, 0])]  # fmt: skip
+    for out, rows in cases:
+        assert isinstance(out, PatchEmbeddings) and out.resize_shape == (16, 16)
+        np.testing.assert_array_equal(out.image_shapes, emb.image_shapes[rows])
+    np.testing.assert_array_equal(emb[1:, [0, 2]], np.asarray(emb)[1:, [0, 2]])
+
+
 @pytest.mark.parametrize("grids", [((8, 8), (4, 4), (2, 2)), ((8, 8), (8, 8)), ((9, 9), (4, 4))])
 def test_channels_picked_before_upsampling_are_those_of_the_concatenation(grids):
     from skpadim.feature_extraction import _concat_on_first_grid
