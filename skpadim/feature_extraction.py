@@ -929,15 +929,42 @@ class _NotCached(Exception):
 def _computing_environment(device):
     """What besides the model and the pixels changes an embedding's values: the
     device type (a GPU's kernels round differently from a CPU's, by about 1e-3)
-    and the versions of the code that resizes, normalises and runs the model.
-    Part of the ``memory`` cache's key, so that embeddings cached on the other
-    kind of device or before an upgrade are computed anew. (GPUs of different
-    models, which may differ as much, share entries.)"""
+    and, on a GPU, its model and float32 precision settings (see
+    :func:`_gpu_arithmetic`); and the versions of the code that resizes,
+    normalises and runs the model. Part of the ``memory`` cache's key, so that
+    embeddings cached on another device, with TF32 allowed or not, or before an
+    upgrade are computed anew."""
     import torchvision
 
     from . import __version__
 
-    return (resolve_device(device).type, torch.__version__, torchvision.__version__, __version__)
+    device = resolve_device(device)
+    kind = device.type if device.type != "cuda" else (device.type, *_gpu_arithmetic(device))
+    return (kind, torch.__version__, torchvision.__version__, __version__)
+
+
+def _gpu_arithmetic(device):
+    """A CUDA device's model and compute capability, and how its float32
+    convolutions and matrix products may round: TF32 (about 1e-3 apart from
+    full float32) or not, as set by torch's precision settings, read raw.
+    Equivalent settings written two ways key apart, which costs a recomputation
+    and never serves another precision's embeddings."""
+    major, minor = torch.cuda.get_device_capability(device)
+    settings = []
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        # torch >= 2.9: levels that inherit from one another ("none": inherited).
+        owners = (torch.backends, torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None),
+                  torch.backends.cuda.matmul)  # fmt: skip
+        names = ("fp32_precision",) * len(owners)
+    else:
+        owners = (torch.backends.cudnn, torch.backends.cuda.matmul)
+        names = ("allow_tf32", "allow_tf32")
+    for owner, name in zip(owners, names):
+        try:
+            settings.append(str(getattr(owner, name)))
+        except (AttributeError, RuntimeError):  # (legacy and new settings mixed)
+            settings.append(None)
+    return (torch.cuda.get_device_name(device), f"{major}.{minor}", *settings)
 
 
 def _cached_embedding(feature_key, image_digest, computed=None):

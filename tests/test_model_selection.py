@@ -625,5 +625,30 @@ def test_cache_keys_the_device_and_library_versions(fresh_memos, tmp_path, monke
     # The device type: a GPU's embeddings differ from a CPU's in the last digits.
     key = ext._feature_key()
     monkeypatch.setattr(fe, "resolve_device", lambda device: torch.device("cuda", 0))
+    gpu = {"name": "GPU A", "capability": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["capability"])
     other = ext._feature_key()
     assert other != key and other[:-1] == key[:-1]
+    # GPUs of other models, and TF32 allowed or not, round differently too.
+    seen = {other}
+    gpu["name"] = "GPU B"
+    seen.add(ext._feature_key())
+    gpu["capability"] = (9, 0)
+    before = ext._feature_key()
+    seen.add(before)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        settings = [(torch.backends.cudnn.conv, "ieee"), (torch.backends.cuda.matmul, "tf32")]
+    else:
+        settings = [(torch.backends.cudnn, False), (torch.backends.cuda.matmul, True)]
+    for owner, value in settings:
+        # (Set and restored by hand: these are properties monkeypatch cannot see.)
+        name = "fp32_precision" if isinstance(value, str) else "allow_tf32"
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            seen.add(ext._feature_key())
+        finally:
+            setattr(owner, name, old)
+    assert len(seen) == 5
+    assert ext._feature_key() == before  # the settings restored: the same key
