@@ -53,6 +53,34 @@ _LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 _RESNET_LAYERS = ("layer1", "layer2", "layer3")
 
 
+def _keeping_layout_only(name):
+    """PatchEmbeddings' version of ndarray method ``name``, which may move axes:
+    the result keeps the geometry only if it has ``self``'s shape and strides."""
+    method = getattr(np.ndarray, name)
+
+    def keeping_layout_only(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        if isinstance(out, PatchEmbeddings) and (out.shape != self.shape or out.strides != self.strides):
+            return out.view(np.ndarray)
+        return out
+
+    keeping_layout_only.__name__ = name
+    keeping_layout_only.__qualname__ = f"PatchEmbeddings.{name}"
+    keeping_layout_only.__doc__ = f""":meth:`numpy.ndarray.{name}`, a plain array unless nothing moved.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            As for :meth:`numpy.ndarray.{name}`.
+
+        Returns
+        -------
+        out : PatchEmbeddings or ndarray
+            PatchEmbeddings only with the same shape and strides as ``self``.
+        """
+    return keeping_layout_only
+
+
 class PatchEmbeddings(np.ndarray):
     """Patch embeddings ``(n_images, n_channels, h, w)`` that remember the image geometry.
 
@@ -140,80 +168,11 @@ class PatchEmbeddings(np.ndarray):
     # Reordering or regrouping the axes (a transpose, a reshape) leaves an array
     # whose first axis is not the images, or whose grid is not the one the
     # geometry describes: a plain array then, as after a reduction.
-    def transpose(self, *axes):
-        """:meth:`numpy.ndarray.transpose`, a plain array unless nothing moved.
-
-        Parameters
-        ----------
-        *axes
-            As for :meth:`numpy.ndarray.transpose`.
-
-        Returns
-        -------
-        out : PatchEmbeddings or ndarray
-            PatchEmbeddings only with the same shape and strides as ``self``.
-        """
-        return self._same_layout_or_plain(super().transpose(*axes))
-
-    def swapaxes(self, axis1, axis2):
-        """:meth:`numpy.ndarray.swapaxes`, a plain array unless nothing moved.
-
-        Parameters
-        ----------
-        axis1, axis2
-            As for :meth:`numpy.ndarray.swapaxes`.
-
-        Returns
-        -------
-        out : PatchEmbeddings or ndarray
-            PatchEmbeddings only with the same shape and strides as ``self``.
-        """
-        return self._same_layout_or_plain(super().swapaxes(axis1, axis2))
-
-    def reshape(self, *shape, **kwargs):
-        """:meth:`numpy.ndarray.reshape`, a plain array unless nothing moved.
-
-        Parameters
-        ----------
-        *shape, **kwargs
-            As for :meth:`numpy.ndarray.reshape`.
-
-        Returns
-        -------
-        out : PatchEmbeddings or ndarray
-            PatchEmbeddings only with the same shape and strides as ``self``.
-        """
-        return self._same_layout_or_plain(super().reshape(*shape, **kwargs))
-
-    def squeeze(self, axis=None):
-        """:meth:`numpy.ndarray.squeeze`, a plain array unless nothing moved.
-
-        Parameters
-        ----------
-        axis
-            As for :meth:`numpy.ndarray.squeeze`.
-
-        Returns
-        -------
-        out : PatchEmbeddings or ndarray
-            PatchEmbeddings only with the same shape and strides as ``self``.
-        """
-        return self._same_layout_or_plain(super().squeeze(axis))
-
-    def ravel(self, order="C"):
-        """:meth:`numpy.ndarray.ravel`, a plain array unless nothing moved.
-
-        Parameters
-        ----------
-        order
-            As for :meth:`numpy.ndarray.ravel`.
-
-        Returns
-        -------
-        out : PatchEmbeddings or ndarray
-            PatchEmbeddings only with the same shape and strides as ``self``.
-        """
-        return self._same_layout_or_plain(super().ravel(order))
+    transpose = _keeping_layout_only("transpose")
+    swapaxes = _keeping_layout_only("swapaxes")
+    reshape = _keeping_layout_only("reshape")
+    squeeze = _keeping_layout_only("squeeze")
+    ravel = _keeping_layout_only("ravel")
 
     @property
     def T(self):
@@ -224,11 +183,6 @@ class PatchEmbeddings(np.ndarray):
     def mT(self):
         """The array with its last two axes swapped, plain (see :meth:`swapaxes`)."""
         return self.swapaxes(-1, -2)
-
-    def _same_layout_or_plain(self, out):
-        if isinstance(out, PatchEmbeddings) and (out.shape != self.shape or out.strides != self.strides):
-            return out.view(np.ndarray)
-        return out
 
     # ndarray's take, compress and repeat build their result without indexing,
     # so __getitem__ cannot carry the shapes across: along the images they
