@@ -899,8 +899,8 @@ def _computing_environment(device):
 
 def _gpu_arithmetic(device):
     """A CUDA device's model and compute capability, and how its float32
-    convolutions and matrix products may round: TF32 (about 1e-3 apart from
-    full float32) or not, as set by torch's precision settings, read raw.
+    convolutions and matrix products may round: TF32 (10 bits of mantissa
+    instead of float32's 23) or not, as set by torch's precision settings, read raw.
     Equivalent settings written two ways key apart, which costs a recomputation
     and never serves another precision's embeddings."""
     major, minor = torch.cuda.get_device_capability(device)
