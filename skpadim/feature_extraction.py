@@ -25,7 +25,9 @@ import collections
 import contextlib
 import copy
 import functools
+import inspect
 import numbers
+import operator
 import os
 import threading
 import warnings
@@ -81,6 +83,26 @@ def _keeping_layout_only(name):
     return keeping_layout_only
 
 
+# numpy functions that move values between the images without indexing them
+# (np.flip and slices go through __getitem__, which carries the shapes along).
+_MOVING_ALONG_AN_AXIS = (np.roll, np.sort, np.partition, np.argsort, np.argpartition)
+
+
+def _moves_images(func, args, kwargs):
+    """Whether ``func(*args, **kwargs)``, one of ``_MOVING_ALONG_AN_AXIS``, acts along
+    the images' axis (or the flattened array: ``axis=None``)."""
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except TypeError:  # numpy raises its own error for the same call
+        return True
+    bound.apply_defaults()
+    axis = bound.arguments["axis"]
+    if axis is None:
+        return True
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    return any(operator.index(a) % 4 == 0 for a in axes)
+
+
 class PatchEmbeddings(np.ndarray):
     """Patch embeddings ``(n_images, n_channels, h, w)`` that remember the image geometry.
 
@@ -99,6 +121,16 @@ class PatchEmbeddings(np.ndarray):
     crop_box : tuple of int, default=None
         ``(top, left, height, width)`` of the centre crop taken from the resized
         image, or ``None`` for no crop.
+
+    Notes
+    -----
+    Selecting images (slices, index arrays, ``take``, ``compress``, ``repeat``
+    along axis 0) selects their shapes too. A result whose first axis is no
+    longer one grid per image, in the same order, is a plain ndarray: a
+    reduction or broadcast over the images, a transpose or reshape that moves
+    axes, a new axis, ``np.roll`` or ``np.sort`` along the images. Changes made
+    in place (``emb.sort(axis=0)``, a shuffle of the rows) cannot be seen: the
+    shapes then keep their old order.
 
     Examples
     --------
@@ -145,6 +177,15 @@ class PatchEmbeddings(np.ndarray):
         if isinstance(out, PatchEmbeddings) and (
             out.ndim != 4 or out.image_shapes is None or len(out.image_shapes) != len(out)
         ):
+            return out.view(np.ndarray)
+        return out
+
+    def __array_function__(self, func, types, args, kwargs):
+        # np.roll / np.sort along the images reorder the rows but not their
+        # shapes: the result is a plain array then.
+        out = super().__array_function__(func, types, args, kwargs)
+        moved = func in _MOVING_ALONG_AN_AXIS and _moves_images(func, args, kwargs)
+        if moved and isinstance(out, PatchEmbeddings):
             return out.view(np.ndarray)
         return out
 

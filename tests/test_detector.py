@@ -654,6 +654,23 @@ def test_reordered_axes_and_new_axes_give_plain_arrays():
     np.testing.assert_array_equal(emb[1:, [0, 2]], np.asarray(emb)[1:, [0, 2]])
 
 
+def test_rolling_or_sorting_along_the_images_gives_plain_arrays():
+    # np.roll and np.sort along axis 0 reorder the rows without indexing them:
+    # the result kept the image shapes in their old order.
+    emb = PatchEmbeddings(np.arange(24.0)[::-1].reshape(3, 2, 2, 2),
+                          image_shapes=[(10, 20), (30, 40), (50, 60)])
+    for out in (np.roll(emb, 1, axis=0), np.roll(emb, 1), np.roll(emb, (1, 1), axis=(3, -4)),
+                np.sort(emb, axis=0), np.sort(emb, axis=-4), np.partition(emb, 1, axis=0),
+                np.argsort(emb, axis=0), np.argpartition(emb, 1, axis=0)):  # fmt: skip
+        assert type(out) is np.ndarray, out.shape
+    np.testing.assert_array_equal(np.roll(emb, 1, axis=0), np.roll(np.asarray(emb), 1, axis=0))
+    # Along another axis each row stays its image's.
+    for out in (np.roll(emb, 1, axis=3), np.sort(emb), np.sort(emb, axis=1), np.partition(emb, 0, axis=2),
+                np.argsort(emb, axis=-1)):  # fmt: skip
+        assert isinstance(out, PatchEmbeddings)
+        np.testing.assert_array_equal(out.image_shapes, emb.image_shapes)
+
+
 @pytest.mark.parametrize("grids", [((8, 8), (4, 4), (2, 2)), ((8, 8), (8, 8)), ((9, 9), (4, 4))])
 def test_channels_picked_before_upsampling_are_those_of_the_concatenation(grids):
     from skpadim.feature_extraction import _concat_on_first_grid
