@@ -542,6 +542,10 @@ def write_mvtec(
     if (not isinstance(category, str) or category in ("", ".", "..")
             or category != Path(category).name):
         raise ValueError(f"category must be a plain folder name, got {category!r}.")
+    if not isinstance(overwrite, (bool, np.bool_)):
+        # Checked before anything is made: any truthy value (the string "no")
+        # would otherwise delete the folder's contents.
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
     if texture is None:
         if category not in TEXTURES:
             raise ValueError(
@@ -784,8 +788,9 @@ def load_mvtec(root, category=None):
 # ---------------------------------------------------------------------------
 
 
-def _open_image(path, what):
-    """Decode an image file fully, naming the file in any error."""
+def _open_image(path, what, levels=None):
+    """Decode an image file fully, naming the file in any error; ``levels``
+    (default ``_to_8bit``) brings high-bit-depth files to 8 bits."""
     import zlib
 
     from PIL import Image
@@ -796,7 +801,7 @@ def _open_image(path, what):
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so that a truncated file fails here
-            return _to_8bit(img)
+            return (levels or _to_8bit)(img)
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise ValueError(f"Cannot read {what} file {str(path)!r}: {exc}") from exc
 
@@ -818,6 +823,22 @@ def _to_8bit(img):
         # Float files hold [0, 1]; some hold 8-bit levels, kept as they are.
         values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
     elif values.max(initial=0.0) > 255.0 or img.mode.startswith("I;16"):
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+def _mask_to_8bit(img):
+    """As :func:`_to_8bit`, except that a 16-bit (or 32-bit integer) mask whose
+    values all lie in 0..255 keeps them: labels such as 0/1, divided by 257,
+    would round to 0 and the defect would vanish."""
+    from PIL import Image
+
+    from ._images import _pil_to_array
+
+    if img.mode == "F" or not (img.mode == "I" or img.mode.startswith("I;16")):
+        return _to_8bit(img)
+    values = _pil_to_array(img).astype(np.float64)
+    if values.max(initial=0.0) > 255.0:
         values = values / 257.0
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
@@ -936,8 +957,9 @@ def load_masks(mask_paths, shapes=None, size=None):
     -------
     masks : list of ndarray of shape (H, W), or ndarray of shape (n, height, width)
         Boolean masks, True on defect pixels (grey level above 127, or above
-        0 for masks stored as 0/1; for colour masks, the brightest channel's
-        level). A list when ``size`` is None, one stacked array otherwise.
+        0 for masks stored as 0/1, in 8 or 16 bits; 16-bit masks with values
+        above 255 are read on 8-bit levels; for colour masks, the brightest
+        channel's level). A list when ``size`` is None, one stacked array otherwise.
 
     Examples
     --------
@@ -971,7 +993,7 @@ def load_masks(mask_paths, shapes=None, size=None):
                     "so the size of its empty mask is unknown."
                 )
             continue
-        img = _open_image(path, "mask")
+        img = _open_image(path, "mask", levels=_mask_to_8bit)
         # A mask drawn in colour (a red or blue overlay, a palette) marks its
         # defects bright in one channel only: read the brightest channel, not a
         # grey level that could fall below the threshold (pure red is 76 in grey).

@@ -231,6 +231,10 @@ def test_write_mvtec_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         write_mvtec(tmp_path, "brick", n_train=2, n_test=2, image_size=32, random_state=1)
     assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
+    for overwrite in ("no", "False", 1, None):  # truthy ones deleted the folders
+        with pytest.raises(TypeError, match="overwrite must be True or False"):
+            write_mvtec(tmp_path, "brick", n_train=2, n_test=2, image_size=32, overwrite=overwrite)
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
 
     write_mvtec(tmp_path, "brick", n_train=2, n_test=2, defect_ratio=0, image_size=32,
                 random_state=1, overwrite=True)
@@ -420,6 +424,20 @@ def test_load_masks(tmp_path):
     for shapes in ([5], [(0, 3)], ["ab"]):
         with pytest.raises(ValueError, match=r"shapes\[0\] must be an image shape"):
             load_masks([None], shapes=shapes)
+
+
+@pytest.mark.parametrize("high", [1, 255, 65535])
+def test_load_masks_reads_16_bit_masks_of_labels_and_of_full_range(tmp_path, high):
+    # A 16-bit mask of 0/1 was divided by 257 like an image and read empty.
+    mask = np.zeros((12, 10), dtype=np.uint16)
+    mask[3:7, 2:5] = high
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    assert Image.open(tmp_path / "m.png").mode.startswith("I")
+    np.testing.assert_array_equal(load_masks([tmp_path / "m.png"])[0], mask > 0)
+    # Below the threshold on 8-bit levels, as in an 8-bit file: no defect.
+    mask[3:7, 2:5] = 100 if high != 65535 else 100 * 257
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    assert not load_masks([tmp_path / "m.png"])[0].any()
 
 
 @pytest.mark.parametrize("mode", ["RGB", "P"])
