@@ -674,9 +674,23 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         -------
         self : PatchGaussianDetector
             This detector.
+
+        Notes
+        -----
+        ``device`` and ``feature_extractor__device`` say where the work runs,
+        not what is learnt: on a fitted detector they also move its fitted
+        Gaussians and extractor, so that a model fitted with ``device="cuda"``
+        scores on a machine without a GPU after
+        ``set_params(device="cpu", feature_extractor__device="cpu")``.
         """
         _refuse_nested_params_of_none(self, params, "feature_extractor", "TorchvisionExtractor")
-        return super().set_params(**params)
+        super().set_params(**params)
+        if "device" in params and hasattr(self, "gaussian_"):
+            self.gaussian_.set_params(device=params["device"])
+        extractor = getattr(self, "feature_extractor_", None)  # (none fitted, or one without a device: nothing to move)
+        if "feature_extractor__device" in params and "device" in getattr(extractor, "get_params", dict)():
+            extractor.set_params(device=params["feature_extractor__device"])
+        return self
 
     # -- fit -------------------------------------------------------------------
     def fit(self, X, y=None):

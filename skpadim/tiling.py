@@ -246,9 +246,20 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         -------
         self : TiledDetector
             This detector.
+
+        Notes
+        -----
+        As for :meth:`PatchGaussianDetector.set_params`, ``detector__device`` and
+        ``detector__feature_extractor__device`` also move a fitted detector's
+        work, e.g. onto the CPU of a machine without a GPU.
         """
         _refuse_nested_params_of_none(self, params, "detector", "PatchGaussianDetector")
-        return super().set_params(**params)
+        super().set_params(**params)
+        devices = {key[len("detector__"):]: value for key, value in params.items()
+                   if key in ("detector__device", "detector__feature_extractor__device")}  # fmt: skip
+        if devices and hasattr(self, "detector_"):
+            self.detector_.set_params(**devices)
+        return self
 
     def fit(self, X, y=None):
         """Fit the detector on the windows of images of normal parts.

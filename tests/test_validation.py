@@ -259,6 +259,33 @@ def test_indexed_cuda_device_is_accepted_and_checked(tiny_extractor, normal_imag
         det.fit(normal_images)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_setting_a_fitted_detectors_devices_moves_where_it_scores(tiny_extractor, normal_images, tiled):
+    # A model fitted with device="cuda", loaded on a machine without a GPU,
+    # kept asking for one after set_params(device="cpu"): its fitted Gaussian
+    # and extractor held their own copies of the devices. Emulated on a CPU by
+    # moving a CPU-fitted model to "cuda" and back.
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present, so moving a model to it is not an error")
+    from skpadim import TiledDetector
+
+    det = PatchGaussianDetector(tiny_extractor, n_features=4, random_state=0, device="cpu")
+    prefix = ""
+    if tiled:
+        det, prefix = TiledDetector(det, short_side=32, window=(32, 32)), "detector__"
+    expected = det.fit(normal_images).score_samples(normal_images[:3])
+    for key in ("device", "feature_extractor__device"):
+        det.set_params(**{prefix + key: "cuda"})
+        with pytest.raises(RuntimeError, match="device='cuda' was requested"):
+            det.score_samples(normal_images[:3])
+        det.set_params(**{prefix + key: "cpu"})
+        np.testing.assert_array_equal(det.score_samples(normal_images[:3]), expected)
+    assert clone(det).get_params()[prefix + "device"] == "cpu"
+    # Unfitted, only the parameters change.
+    unfitted = PatchGaussianDetector(tiny_extractor, n_features=4).set_params(device="cuda")
+    assert unfitted.device == "cuda" and not hasattr(unfitted, "gaussian_")
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", 3])
 def test_misspelt_devices_are_named_before_any_work(monkeypatch, tiny_extractor, normal_images,
                                                      device):
