@@ -81,6 +81,12 @@ class ModelFileError(ValueError):
 
 
 def _jsonable(value, name):
+    from torchvision.models import WeightsEnum
+
+    if isinstance(value, WeightsEnum):
+        # Written as its name ("IMAGENET1K_V1"), which the extractor reads as the
+        # same weights; the file holds the weights themselves anyway.
+        return value.name
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

@@ -314,6 +314,27 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
         save(tiled, tmp_path / "x.npz")
 
 
+def test_torchvision_weights_enum_is_saved_by_its_name(monkeypatch, tmp_path):
+    # save refused weights=ResNet18_Weights.IMAGENET1K_V1 and sent the user to pickle.
+    import torch
+    import torchvision
+    from torchvision.models import ResNet18_Weights
+
+    from conftest import textured_images
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # offline: a cached file
+    (tmp_path / "checkpoints").mkdir()
+    weights_file = tmp_path / "checkpoints" / os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights_file)
+    ext = TorchvisionExtractor("resnet18", weights=ResNet18_Weights.IMAGENET1K_V1, image_size=32)
+    det = PatchGaussianDetector(ext, n_features=4, random_state=0).fit(textured_images(6))
+    weights_file.unlink()  # the model file holds the weights: none looked for at load
+    loaded = load(save(det, tmp_path / "m.npz"))
+    assert loaded.feature_extractor.weights == "IMAGENET1K_V1"
+    X = textured_images(3, seed=1)
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+
+
 def _mixed_sizes(seed):
     """Textured images 48 px high and 32 to 96 px wide."""
     from conftest import textured_images
