@@ -1050,7 +1050,10 @@ class PatchCovariance(BaseEstimator):
         """Update the statistics with a batch of embeddings and refit.
 
         Successive calls give the same result as one :meth:`fit` on all batches
-        together. The running statistics (as large as the covariances) are kept
+        together. Until the batches seen hold enough samples (2 images for a
+        fixed shrinkage, every position at least once under ``patch_mask``), a
+        call keeps them with a warning and the estimator cannot score yet. The
+        running statistics (as large as the covariances) are kept
         in a private attribute, and pickled, so that more batches can follow;
         :meth:`fit` does not keep them, so a model fitted by :meth:`fit` cannot be
         continued (partial_fit then raises).
@@ -1089,6 +1092,19 @@ class PatchCovariance(BaseEstimator):
         mask = _check_patch_mask(patch_mask, X)
         # Merge into a copy so that a failure part way leaves the statistics intact.
         moments = self._accumulate(None if first else self._moments.copy(), X, mask)
+        shortfall = self._shortfall(moments)
+        if shortfall is not None:
+            # Too few samples so far (one image at a time, or a mask that leaves a
+            # position empty): kept, so that the next batches complete them.
+            moments.release()
+            self._moments = moments
+            # What later batches are checked against, as after a finalised call.
+            self.grid_shape_, self.n_features_in_ = tuple(int(v) for v in X.shape[2:]), int(X.shape[1])
+            warnings.warn(
+                f"partial_fit kept the statistics, but the model cannot score yet: {shortfall}",
+                UserWarning,
+            )
+            return self
         self._finalize(moments, X.shape, consume=False)
         self._moments = moments
         return self
@@ -1116,6 +1132,23 @@ class PatchCovariance(BaseEstimator):
         # reference keep float32 accurate, and float64 is there for exact comparisons.
         return torch.float64 if self.dtype == "float64" else torch.float32
 
+    def _shortfall(self, moments):
+        """Why ``moments`` hold too few samples to finalise, or None."""
+        # With a patch mask, the position with the fewest samples decides.
+        n = moments.n if moments.counts is None else int(moments.counts.min())
+        ledoit_wolf = self.shrinkage == "ledoit-wolf"
+        if moments.counts is not None and n < (1 if ledoit_wolf else 2):
+            return (
+                f"patch_mask leaves a position with {n} training patches; every position "
+                f"needs at least {1 if ledoit_wolf else 2}."
+            )
+        if not ledoit_wolf and n < 2:
+            return (
+                "A fixed shrinkage needs at least 2 training images to estimate a "
+                f"covariance; got {n}. Use shrinkage='ledoit-wolf' or more images."
+            )
+        return None
+
     def _finalize(self, moments, shape, consume=False):
         """Shrunk covariances and their Cholesky factors from the moments.
 
@@ -1126,21 +1159,14 @@ class PatchCovariance(BaseEstimator):
         the peak memory of a fit is one set of matrices rather than three.
         """
         moments.release()
+        shortfall = self._shortfall(moments)
+        if shortfall is not None:
+            raise ValueError(shortfall)
         # With a patch mask, the position with the fewest samples decides.
         n = moments.n if moments.counts is None else int(moments.counts.min())
         p, c = moments.s1.shape
         ledoit_wolf = self.shrinkage == "ledoit-wolf"
-        if moments.counts is not None and n < (1 if ledoit_wolf else 2):
-            raise ValueError(
-                f"patch_mask leaves a position with {n} training patches; every position "
-                f"needs at least {1 if ledoit_wolf else 2}."
-            )
         if not ledoit_wolf:
-            if n < 2:
-                raise ValueError(
-                    "A fixed shrinkage needs at least 2 training images to estimate a "
-                    f"covariance; got {n}. Use shrinkage='ledoit-wolf' or more images."
-                )
             if n <= c and self.shrinkage < 1e-3:
                 warnings.warn(
                     f"Only {n} training images for {c} channels: the sample covariance "

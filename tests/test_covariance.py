@@ -607,6 +607,38 @@ def test_patch_mask_fits_each_position_on_its_kept_patches(shrinkage, layout, re
             np.testing.assert_allclose(L @ L.T, covariance, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
+def test_partial_fit_keeps_batches_too_small_to_finalise(shrinkage):
+    # A fixed shrinkage fed one image at a time, or a first batch whose mask
+    # leaves a position empty, raised and threw the batch away: the statistics
+    # never built up. They are now kept, with a warning, until they suffice.
+    X = _embeddings(n=12, mean=5.0, seed=21)
+    mask = np.ones((12, *X.shape[2:]), dtype=bool)
+    mask[:4, 1, 2] = False  # position 5 is empty in the first batch
+    streamed = PatchCovariance(shrinkage=shrinkage, dtype="float64")
+    with pytest.warns(UserWarning, match="cannot score yet: patch_mask leaves a position with 0"):
+        streamed.partial_fit(X[:4], patch_mask=mask[:4])
+    with pytest.raises(NotFittedError):
+        streamed.mahalanobis(X[:1])
+    streamed.partial_fit(X[4:], patch_mask=mask[4:])
+    for p, (location, covariance) in enumerate(_masked_reference(X, mask, shrinkage)):
+        np.testing.assert_allclose(streamed.location_[p], location, rtol=1e-10)
+        np.testing.assert_allclose(streamed.covariance_[p], covariance, rtol=1e-8)
+    if shrinkage == "ledoit-wolf":
+        return
+    one_by_one = PatchCovariance(shrinkage=shrinkage, dtype="float64")
+    with pytest.warns(UserWarning, match="at least 2 training images"):
+        one_by_one.partial_fit(X[:1])
+    for i in range(1, 12):
+        one_by_one.partial_fit(X[i : i + 1])
+    reference = PatchCovariance(shrinkage=shrinkage, dtype="float64").fit(X)
+    np.testing.assert_allclose(one_by_one.covariance_, reference.covariance_, rtol=1e-10)
+    np.testing.assert_allclose(one_by_one.mahalanobis(X[:3]), reference.mahalanobis(X[:3]), rtol=1e-8)
+    # fit itself still refuses too few images.
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        PatchCovariance(shrinkage=shrinkage).fit(X[:1])
+
+
 def test_patch_mask_of_all_true_and_unmasked_batches_match_plain_fit():
     X = _embeddings(n=30, seed=17)
     plain = PatchCovariance().fit(X)
