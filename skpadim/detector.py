@@ -833,7 +833,15 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             take = np.asarray
         for emb in self._embedding_batches(X, extractor, channels if subsets else None):
             if start == 0:
-                input_shape = emb.input_shape
+                input_shape, grid = emb.input_shape, tuple(emb.shape[2:])
+            elif tuple(emb.shape[2:]) != grid:
+                # One Gaussian per position: every batch must share the grid
+                # (else the first batch's positions would take other patches).
+                raise ValueError(
+                    f"The feature extractor returned a grid of {tuple(emb.shape[2:])} positions for "
+                    f"one batch and {grid} for another; it must resize every image to one "
+                    "size (TiledDetector takes images of mixed sizes)."
+                )
             if n_channels is None:  # (known already where the extractor picks them)
                 n_channels = emb.shape[1]
                 if channels is None:

@@ -586,6 +586,26 @@ def test_plain_embedding_arrays_are_scored_on_the_training_frame(tiny_extractor,
     assert det.anomaly_maps(plain).shape[1:] == det.input_shape_
 
 
+class _NativeGrid(TorchvisionExtractor):
+    """An extractor that does not resize: its grid follows each image's size."""
+
+    def transform(self, X):
+        return np.stack([F.avg_pool2d(img[None], 4)[0].numpy() for img in X])
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_an_extractor_whose_grid_changes_between_batches_is_named(order):
+    # The first batch's positions took the other grid's patches (or a raw torch
+    # error): the fit now names the extractor's two grids.
+    rng = np.random.RandomState(0)
+    X = ([rng.rand(32, 32, 3) for _ in range(4)] + [rng.rand(40, 40, 3) for _ in range(2)])[::order]
+    det = PatchGaussianDetector(_NativeGrid(TinyNet(), layers=("block1",), weights=None),
+                                n_features=None, batch_size=2)
+    with pytest.raises(ValueError, match=r"returned a grid of \((10, 10|8, 8)\) positions for one batch"):
+        det.fit(X)
+    assert not hasattr(det, "gaussian_")
+
+
 class _PlainOutput(TorchvisionExtractor):
     """The extractor interface allows transform to return a plain array."""
 
