@@ -21,8 +21,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._images import ValidatedImages, image_shapes, images_per_batch, iter_image_batches
-from .detector import (PatchGaussianDetector, _image_scores_from_maps, _ImageOutlierDetector,
-                       _normal_training_images, _refuse_nested_params_of_none,
+from .detector import (_LEAVE_ONE_OUT, PatchGaussianDetector, _image_scores_from_maps,
+                       _ImageOutlierDetector, _normal_training_images, _refuse_nested_params_of_none,
                        _to_image_resolution)
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _auto_size_of_shapes
 
@@ -319,6 +319,13 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         detector.set_params(feature_extractor=extractor)
         layouts = [_Layout(shape, scale, window) for shape in shapes]
         windows = _Windows(X, layouts)
+        if len(windows) < _LEAVE_ONE_OUT[0]:
+            # Checked here: the detector would count the windows as "images".
+            raise ValueError(
+                f"TiledDetector needs at least {_LEAVE_ONE_OUT[0]} training windows{_LEAVE_ONE_OUT[1]}; "
+                f"the {len(shapes)} training images give {len(windows)}. Pass more images, or "
+                "images larger than the window."
+            )
         detector, windows, in_fit = detector._fit_gaussians(windows)
 
         fitted = clone(self)  # assembled aside: a failing fit leaves self as it was

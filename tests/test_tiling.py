@@ -203,6 +203,11 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         _tiled(tiny_extractor).set_params(detector__trim=0.1).fit(normal_images)
     with pytest.raises(ValueError, match="at least 2 training images to estimate a distribution; got 1"):
         _tiled(tiny_extractor).fit(normal_images[:1])
+    # Two images of the window's size are two windows: named as windows, not images.
+    with pytest.raises(ValueError, match="at least 3 training windows.*the 2 training images give 2"):
+        _tiled(tiny_extractor).fit(normal_images[:2])
+    with pytest.raises(ValueError, match="the 2 training images give 2"):
+        _tiled(tiny_extractor).fit(normal_images[:3], y=[0, 0, 1])
     with pytest.raises(TypeError, match="one-shot iterator"):
         _tiled(tiny_extractor).fit(iter(normal_images))
     embeddings = PatchEmbeddings(np.random.RandomState(0).rand(6, 4, 3, 3))
