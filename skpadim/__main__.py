@@ -112,7 +112,7 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     return results
 
 
-def _at_least(minimum):
+def _at_least(minimum, maximum=None):
     def parse(text):
         try:
             value = int(text)
@@ -120,6 +120,8 @@ def _at_least(minimum):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -137,6 +139,11 @@ def _check_out(out, parser):
         parser.error(f"--out: the folder {str(folder)!r} does not exist.")
     if not os.access(folder, os.W_OK):
         parser.error(f"--out: cannot write in {str(folder)!r}.")
+    from PIL import Image
+
+    Image.init()  # registers every format PIL can write
+    if path.suffix.lower() not in Image.registered_extensions():
+        parser.error(f"--out {out!r}: not an image file name PIL can write; end it in .png or .jpg.")
 
 
 def main(argv=None):
@@ -152,10 +159,10 @@ def main(argv=None):
     demo.add_argument("--n-train", type=_at_least(3), default=60, help="good training tiles (>= 3)")
     demo.add_argument("--n-test", type=_at_least(2), default=40,
                       help="test tiles (>= 2: good and defective ones)")  # fmt: skip
-    demo.add_argument("--image-size", type=_at_least(32), default=224,
-                      help="side of the square tiles cut from the photographs, in pixels")
+    demo.add_argument("--image-size", type=_at_least(32, 512), default=224,
+                      help="side of the square tiles cut from the 512 x 512 photographs, in pixels")
     demo.add_argument("--out", default="skpadim-demo.png", help="PNG to write ('' for none)")
-    demo.add_argument("--seed", type=_at_least(0), default=0, help="seed of the tiles and defects")
+    demo.add_argument("--seed", type=_at_least(0, 2**32 - 1), default=0, help="seed of the tiles and defects")
     args = parser.parse_args(argv)
     _check_out(args.out, demo)
     run_demo(args.textures, args.n_train, args.n_test, args.image_size, args.out, args.seed)

@@ -29,6 +29,10 @@ def test_tiny_demo_writes_its_figure(tmp_path):
     (["--image-size", "8"], "--image-size: must be at least 32"),
     (["--out", "{tmp}"], "is a folder"),
     (["--out", "{tmp}/missing/demo.png"], "does not exist"),
+    # These failed only after fitting every texture, or with a traceback.
+    (["--out", "{tmp}/demo.txt"], "not an image file name"),
+    (["--image-size", "600"], "--image-size: must be at most 512"),
+    (["--seed", str(2**32)], "--seed: must be at most 4294967295"),
 ])
 def test_bad_arguments_fail_before_fitting(tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
