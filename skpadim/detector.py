@@ -687,7 +687,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         super().set_params(**params)
         if "device" in params and hasattr(self, "gaussian_"):
             self.gaussian_.set_params(device=params["device"])
-        extractor = getattr(self, "feature_extractor_", None)  # (none fitted, or one without a device: nothing to move)
+        # (No fitted extractor, or one without a device: nothing to move.)
+        extractor = getattr(self, "feature_extractor_", None)
         if "feature_extractor__device" in params and "device" in getattr(extractor, "get_params", dict)():
             extractor.set_params(device=params["feature_extractor__device"])
         return self
