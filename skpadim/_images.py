@@ -270,10 +270,16 @@ def _check_not_a_path(X):
         )
 
 
+def _is_pixel_batch(X):
+    """Whether X is one numpy array of pixels, not an array of paths or of
+    separate images (object or string dtype, as ``np.array(paths)`` gives)."""
+    return isinstance(X, np.ndarray) and X.dtype != object and X.dtype.kind != "U"
+
+
 def image_shapes(X):
     """``(H, W)`` of every image in X, without decoding files."""
     _check_not_a_path(X)
-    if isinstance(X, np.ndarray) and X.dtype != object:
+    if _is_pixel_batch(X):
         _check_batch_shape(X)
         shapes = [tuple(X.shape[1:3])] * len(X)
     elif isinstance(X, torch.Tensor) and X.ndim == 4:
@@ -335,7 +341,7 @@ def iter_image_batches(X, batch_size):
             yield X[start : start + batch_size]
         return
     _check_not_a_path(X)
-    if isinstance(X, np.ndarray) and X.dtype != object:
+    if _is_pixel_batch(X):
         _check_batch_shape(X)
         for start in range(0, len(X), batch_size):
             yield list(_batch_array_to_tensors(X[start : start + batch_size], start))

@@ -206,8 +206,12 @@ def test_input_formats_give_the_same_scores(tiny_extractor, normal_images, test_
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(img).save(paths[-1])
     grey = test_images[..., 0]
-    for X in (as_float, as_tensor, paths, [str(p) for p in paths], list(test_images), grey):
+    # np.array(paths) (string dtype) was refused as a malformed batch of pixels.
+    for X in (as_float, as_tensor, paths, [str(p) for p in paths], list(test_images), grey,
+              np.array([str(p) for p in paths]), np.array(paths, dtype=object)):  # fmt: skip
         np.testing.assert_allclose(det.score_samples(X), expected, rtol=1e-5)
+    refit = clone(det).fit(np.array([str(p) for p in paths]))
+    np.testing.assert_array_equal(refit.score_samples(paths), clone(det).fit(paths).score_samples(paths))
     # Generators stream at scoring time.
     np.testing.assert_allclose(det.score_samples(iter(paths)), expected, rtol=1e-5)
 
