@@ -333,6 +333,7 @@ def _check(config, arrays, path):
     if config["extractor"] is not None:
         _require(config["extractor"], ("params", "layers", "resize_shape"), "extractor", path)
         _require(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
+        _refuse_unknown(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
     if (config.get("tiled") is not None) != (version >= 3):
         raise ModelFileError(
             f"{str(path)!r}: format version {version} "
@@ -359,10 +360,21 @@ def _check(config, arrays, path):
             )
     if factor_key == "cholesky_lower" and arrays[factor_key].dtype != np.float16:
         raise ModelFileError(f"{str(path)!r}: cholesky_lower has dtype {arrays[factor_key].dtype}.")
-    for key in ("location", "cholesky"):
+    for key in ("location", "cholesky", "shrinkage"):
         if key in arrays and arrays[key].dtype not in (np.float32, np.float64):
             raise ModelFileError(f"{str(path)!r}: {key} has dtype {arrays[key].dtype}.")
+    for key in ("location", factor_key):
+        # min and max propagate NaN and show infinities, without a mask as large as the array.
+        if arrays[key].size and not (np.isfinite(arrays[key].min()) and np.isfinite(arrays[key].max())):
+            raise ModelFileError(f"{str(path)!r}: {key} holds NaN or infinite values.")
+    # Ledoit-Wolf coefficients lie in [0, 1]; a fixed shrinkage records NaN.
+    coefficients = arrays["shrinkage"]
+    if config["detector"]["shrinkage"] == "ledoit-wolf" and coefficients.size and not (
+            coefficients.min() >= 0 and coefficients.max() <= 1):  # (False for NaN)
+        raise ModelFileError(f"{str(path)!r}: shrinkage holds Ledoit-Wolf coefficients outside [0, 1].")
     idx = arrays["channel_indices"]
+    if idx.dtype.kind not in "iu":
+        raise ModelFileError(f"{str(path)!r}: channel_indices has dtype {idx.dtype}, not integers.")
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
 

@@ -216,6 +216,34 @@ def test_missing_extractor_and_tiled_entries_are_named(request, tmp_path, model,
         load(path)
 
 
+def _set(key, value):
+    def mutate(arrays, config):
+        arrays[key] = value(arrays[key])
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a, c: c["extractor"]["params"].update(bogus=1),
+     "'extractor params' section holds unknown entries bogus"),
+    (_set("channel_indices", lambda v: v.astype(np.float64)),
+     "channel_indices has dtype float64, not integers"),
+    (_set("location", lambda v: np.where(np.arange(v.size).reshape(v.shape) == 3, np.nan, v)),
+     "location holds NaN or infinite values"),
+    (_set("cholesky", lambda v: np.where(np.arange(v.size).reshape(v.shape) == 0, np.inf, v)),
+     "cholesky holds NaN or infinite values"),
+    (_set("shrinkage", lambda v: v.astype(np.int64)), "shrinkage has dtype int64"),
+    (_set("shrinkage", lambda v: v * np.nan), "Ledoit-Wolf coefficients outside"),
+    (_set("shrinkage", lambda v: v + 1), "Ledoit-Wolf coefficients outside"),
+])
+def test_consistent_files_with_impossible_contents_are_refused(fitted_lite, tmp_path, mutate, message):
+    # These matched their recomputed digests and loaded: a TypeError from the
+    # extractor, an index_select error at scoring, or NaN scores.
+    path = save(fitted_lite[0], tmp_path / "m.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
 def test_tampered_arrays_are_detected(fitted_lite, tmp_path):
     path = save(fitted_lite[0], tmp_path / "m.npz")
 
