@@ -159,8 +159,12 @@ def _leave_one_out_distances(dist, in_fit, counts, shrinkage=None):
     ``eps`` this neglects only a change of the ridge of relative size
     ``1 / n``. For Ledoit-Wolf it also takes the ridge ``s * mu`` as unchanged,
     while ``mu``, the mean variance, loses the left-out patch's share of the
-    total scatter: negligible for typical patches (within 3% of refits in the
-    tests), but the distance of a patch that dominates the scatter of its
+    total scatter, and the coefficient is not refitted. Against refits, the
+    median ratio is 0.993 for 24 images of 8 correlated channels and 0.999 for
+    200 of 100, but where the ridge dominates (independent channels of equal
+    variance, coefficients near 1) it is lower: 0.956 for 12 images of 4
+    channels, 0.973 for 20 of 30, so the threshold is set somewhat strict with
+    few images; and the distance of a patch that dominates the scatter of its
     position, an outlier among few images, comes out too small (by a third for
     one image shifted by 4 standard deviations among 24).
 
