@@ -271,9 +271,9 @@ def _check_not_a_path(X):
 
 
 def _is_pixel_batch(X):
-    """Whether X is one numpy array of pixels, not an array of paths or of
-    separate images (object or string dtype, as ``np.array(paths)`` gives)."""
-    return isinstance(X, np.ndarray) and X.dtype != object and X.dtype.kind != "U"
+    """Whether X is one numpy array of pixels, not an array of separate images
+    (object dtype) or of paths (strings in one dimension, as ``np.array(paths)``)."""
+    return isinstance(X, np.ndarray) and X.dtype != object and not (X.dtype.kind == "U" and X.ndim == 1)
 
 
 def image_shapes(X):
