@@ -141,8 +141,8 @@ def _check_out(out, parser):
         parser.error(f"--out: cannot write in {str(folder)!r}.")
     from PIL import Image
 
-    Image.init()  # registers every format PIL can write
-    if path.suffix.lower() not in Image.registered_extensions():
+    Image.init()  # registers every format PIL can read; SAVE holds those it can write
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
         parser.error(f"--out {out!r}: not an image file name PIL can write; end it in .png or .jpg.")
 
 
@@ -162,7 +162,7 @@ def main(argv=None):
     demo.add_argument("--image-size", type=_at_least(32, 512), default=224,
                       help="side of the square tiles cut from the 512 x 512 photographs, in pixels")
     demo.add_argument("--out", default="skpadim-demo.png", help="PNG to write ('' for none)")
-    demo.add_argument("--seed", type=_at_least(0, 2**32 - 1), default=0, help="seed of the tiles and defects")
+    demo.add_argument("--seed", type=_at_least(0, 2**32 - len(TEXTURES)), default=0, help="seed of the tiles and defects")
     args = parser.parse_args(argv)
     _check_out(args.out, demo)
     run_demo(args.textures, args.n_train, args.n_test, args.image_size, args.out, args.seed)

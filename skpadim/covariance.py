@@ -1051,7 +1051,8 @@ class PatchCovariance(BaseEstimator):
 
         Successive calls give the same result as one :meth:`fit` on all batches
         together. Until the batches seen hold enough samples (2 images for a
-        fixed shrinkage, every position at least once under ``patch_mask``), a
+        fixed shrinkage, and under ``patch_mask`` every position at least once, or
+        twice for a fixed shrinkage), a
         call keeps them with a warning and the estimator cannot score yet. The
         running statistics (as large as the covariances) are kept
         in a private attribute, and pickled, so that more batches can follow;
@@ -1131,6 +1132,11 @@ class PatchCovariance(BaseEstimator):
         # The scatter matrices are the only large statistic; sums about a nearby
         # reference keep float32 accurate, and float64 is there for exact comparisons.
         return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def __sklearn_is_fitted__(self):
+        # Not after a partial_fit whose samples do not suffice yet (which sets
+        # n_features_in_ and grid_shape_ but cannot score).
+        return hasattr(self, "cholesky_")
 
     def _shortfall(self, moments):
         """Why ``moments`` hold too few samples to finalise, or None."""

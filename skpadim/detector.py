@@ -684,12 +684,13 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         ``device`` and ``feature_extractor__device`` say where the work runs,
         not what is learnt: on a fitted detector they also move its fitted
         Gaussians and extractor, so that a model fitted with ``device="cuda"``
-        scores on a machine without a GPU after
-        ``set_params(device="cpu", feature_extractor__device="cpu")``.
+        scores on a machine without a GPU after ``set_params(device="cpu")``
+        (and ``feature_extractor__device="cpu"`` when an extractor was given).
         """
         _refuse_nested_params_of_none(self, params, "feature_extractor", "TorchvisionExtractor")
         super().set_params(**params)
         if "device" in params and hasattr(self, "gaussian_"):
+            self.gaussian_._release_device_memory()  # a copy kept on the GPU goes
             self.gaussian_.set_params(device=params["device"])
         # (No fitted extractor, or one without a device: nothing to move.)
         extractor = getattr(self, "feature_extractor_", None)

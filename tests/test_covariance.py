@@ -9,6 +9,7 @@ import torch
 from sklearn.base import clone
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf, ledoit_wolf_shrinkage
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 import skpadim.covariance
 from skpadim import PatchCovariance
@@ -620,6 +621,8 @@ def test_partial_fit_keeps_batches_too_small_to_finalise(shrinkage):
         streamed.partial_fit(X[:4], patch_mask=mask[:4])
     with pytest.raises(NotFittedError):
         streamed.mahalanobis(X[:1])
+    with pytest.raises(NotFittedError):
+        check_is_fitted(streamed)
     streamed.partial_fit(X[4:], patch_mask=mask[4:])
     for p, (location, covariance) in enumerate(_masked_reference(X, mask, shrinkage)):
         np.testing.assert_allclose(streamed.location_[p], location, rtol=1e-10)
