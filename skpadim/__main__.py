@@ -112,7 +112,7 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     return results
 
 
-def _at_least(minimum, maximum=None):
+def _int_in_range(minimum, maximum=None):
     def parse(text):
         try:
             value = int(text)
@@ -156,13 +156,14 @@ def main(argv=None):
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--textures", nargs="+", default=list(TEXTURES), choices=TEXTURES,
                       help="textures to run, each on its own detector")
-    demo.add_argument("--n-train", type=_at_least(3), default=60, help="good training tiles (>= 3)")
-    demo.add_argument("--n-test", type=_at_least(2), default=40,
+    demo.add_argument("--n-train", type=_int_in_range(3), default=60, help="good training tiles (>= 3)")
+    demo.add_argument("--n-test", type=_int_in_range(2), default=40,
                       help="test tiles (>= 2: good and defective ones)")  # fmt: skip
-    demo.add_argument("--image-size", type=_at_least(32, 512), default=224,
+    demo.add_argument("--image-size", type=_int_in_range(32, 512), default=224,
                       help="side of the square tiles cut from the 512 x 512 photographs, in pixels")
     demo.add_argument("--out", default="skpadim-demo.png", help="PNG to write ('' for none)")
-    demo.add_argument("--seed", type=_at_least(0, 2**32 - len(TEXTURES)), default=0, help="seed of the tiles and defects")
+    demo.add_argument("--seed", type=_int_in_range(0, 2**32 - len(TEXTURES)), default=0,
+                      help="seed of the tiles and defects (texture k uses seed + k)")
     args = parser.parse_args(argv)
     _check_out(args.out, demo)
     run_demo(args.textures, args.n_train, args.n_test, args.image_size, args.out, args.seed)

@@ -296,6 +296,10 @@ class _Moments:
     def cpu(self):
         return self._map(lambda x: x.cpu())
 
+    def fewest(self):
+        """Samples of the position that has fewest (all have ``n`` without a patch mask)."""
+        return self.n if self.counts is None else int(self.counts.min())
+
     def release(self):
         """Free the buffer kept between batches."""
         self._scratch = None
@@ -1051,10 +1055,10 @@ class PatchCovariance(BaseEstimator):
 
         Successive calls give the same result as one :meth:`fit` on all batches
         together. Until the batches seen hold enough samples (2 images for a
-        fixed shrinkage, and under ``patch_mask`` every position at least once, or
-        twice for a fixed shrinkage), a
-        call keeps them with a warning and the estimator cannot score yet. The
-        running statistics (as large as the covariances) are kept
+        fixed shrinkage, and under ``patch_mask`` every position at least once,
+        or twice for a fixed shrinkage), a call keeps them with a warning and
+        the estimator cannot score yet. The running statistics (as large as the
+        covariances) are kept
         in a private attribute, and pickled, so that more batches can follow;
         :meth:`fit` does not keep them, so a model fitted by :meth:`fit` cannot be
         continued (partial_fit then raises).
@@ -1140,8 +1144,7 @@ class PatchCovariance(BaseEstimator):
 
     def _shortfall(self, moments):
         """Why ``moments`` hold too few samples to finalise, or None."""
-        # With a patch mask, the position with the fewest samples decides.
-        n = moments.n if moments.counts is None else int(moments.counts.min())
+        n = moments.fewest()
         ledoit_wolf = self.shrinkage == "ledoit-wolf"
         if moments.counts is not None and n < (1 if ledoit_wolf else 2):
             return (
@@ -1168,8 +1171,7 @@ class PatchCovariance(BaseEstimator):
         shortfall = self._shortfall(moments)
         if shortfall is not None:
             raise ValueError(shortfall)
-        # With a patch mask, the position with the fewest samples decides.
-        n = moments.n if moments.counts is None else int(moments.counts.min())
+        n = moments.fewest()
         p, c = moments.s1.shape
         ledoit_wolf = self.shrinkage == "ledoit-wolf"
         if not ledoit_wolf:

@@ -17,6 +17,7 @@ The MVTec AD layout is::
     <category>/ground_truth/<defect>/000_mask.png
 """
 
+import functools
 import numbers
 import os
 import re
@@ -806,11 +807,13 @@ def _open_image(path, what, levels=None):
         raise ValueError(f"Cannot read {what} file {str(path)!r}: {exc}") from exc
 
 
-def _to_8bit(img):
+def _to_8bit(img, labels=False):
     """Bring 16-bit and float images to 8 bits by scaling, not by clipping.
 
     Decoded by the rule the detector's inputs follow (16-bit modes scaled by
     65535, see ``skpadim._images``), so that a file reads the same here and there.
+    With ``labels`` (masks), 16-bit values that all lie in 0..255 are kept:
+    labels such as 0/1, divided by 257, would round to 0 and the defect vanish.
     """
     from PIL import Image
 
@@ -822,23 +825,7 @@ def _to_8bit(img):
     if img.mode == "F":
         # Float files hold [0, 1]; some hold 8-bit levels, kept as they are.
         values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
-    elif values.max(initial=0.0) > 255.0 or img.mode.startswith("I;16"):
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-
-
-def _mask_to_8bit(img):
-    """As :func:`_to_8bit`, except that a 16-bit (or 32-bit integer) mask whose
-    values all lie in 0..255 keeps them: labels such as 0/1, divided by 257,
-    would round to 0 and the defect would vanish."""
-    from PIL import Image
-
-    from ._images import _pil_to_array
-
-    if img.mode == "F" or not (img.mode == "I" or img.mode.startswith("I;16")):
-        return _to_8bit(img)
-    values = _pil_to_array(img).astype(np.float64)
-    if values.max(initial=0.0) > 255.0:
+    elif values.max(initial=0.0) > 255.0 or (img.mode.startswith("I;16") and not labels):
         values = values / 257.0
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
@@ -993,7 +980,7 @@ def load_masks(mask_paths, shapes=None, size=None):
                     "so the size of its empty mask is unknown."
                 )
             continue
-        img = _open_image(path, "mask", levels=_mask_to_8bit)
+        img = _open_image(path, "mask", levels=functools.partial(_to_8bit, labels=True))
         # A mask drawn in colour (a red or blue overlay, a palette) marks its
         # defects bright in one channel only: read the brightest channel, not a
         # grey level that could fall below the threshold (pure red is 76 in grey).
