@@ -305,6 +305,15 @@ class _ChannelTaker:
         return np.take(emb, self.channels, axis=1, out=buf[: len(emb)], mode="clip")
 
 
+def _grid_change_error(grid, first, part):
+    """The error of an extractor whose grid differs between two ``part``s of a fit."""
+    return ValueError(
+        f"The feature extractor returned a grid of {grid} positions for one {part} and {first} "
+        "for another; it must resize every image to one size (TiledDetector takes images of "
+        "mixed sizes)."
+    )
+
+
 def _check_embedding_array(emb, n_images):
     """A feature extractor's plain output for ``n_images`` images, checked."""
     emb = np.asarray(emb.detach().cpu() if isinstance(emb, torch.Tensor) else emb)
@@ -768,6 +777,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 _take_images(X, halves[0]), extractor)
             gaussian_b, _, _, _, aspects_b = self._fit_gaussian(
                 _take_images(X, halves[1]), extractor, channels)
+            if gaussian_b.grid_shape_ != gaussian_a.grid_shape_:
+                raise _grid_change_error(gaussian_b.grid_shape_, gaussian_a.grid_shape_, "half of the images")
             aspects = np.concatenate([aspects_a, aspects_b])
         else:
             gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
@@ -843,11 +854,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             elif tuple(emb.shape[2:]) != grid:
                 # One Gaussian per position: every batch must share the grid
                 # (else the first batch's positions would take other patches).
-                raise ValueError(
-                    f"The feature extractor returned a grid of {tuple(emb.shape[2:])} positions for "
-                    f"one batch and {grid} for another; it must resize every image to one "
-                    "size (TiledDetector takes images of mixed sizes)."
-                )
+                raise _grid_change_error(tuple(emb.shape[2:]), grid, "batch")
             if n_channels is None:  # (known already where the extractor picks them)
                 n_channels = emb.shape[1]
                 if channels is None:

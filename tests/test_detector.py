@@ -610,6 +610,19 @@ def test_an_extractor_whose_grid_changes_between_batches_is_named(order):
     assert not hasattr(det, "gaussian_")
 
 
+def test_an_extractor_whose_grid_differs_between_the_trimming_halves_is_named():
+    # With trim, each half of the images (every other one) is fitted apart: an
+    # extractor giving the two halves different grids passed the batch check
+    # and failed later with a shape error of PatchCovariance.
+    rng = np.random.RandomState(0)
+    X = [rng.rand(32 + 8 * (i % 2), 32 + 8 * (i % 2), 3) for i in range(8)]
+    det = PatchGaussianDetector(_NativeGrid(TinyNet(), layers=("block1",), weights=None),
+                                n_features=None, batch_size=2, trim=0.25)
+    with pytest.raises(ValueError, match=r"grid of \(10, 10\) positions for one half of the images and \(8, 8\)"):
+        det.fit(X)
+    assert not hasattr(det, "gaussian_")
+
+
 class _PlainOutput(TorchvisionExtractor):
     """The extractor interface allows transform to return a plain array."""
 
