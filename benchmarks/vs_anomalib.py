@@ -23,12 +23,13 @@ one-off costs (lazy library loading) are not timed. Three are run:
   training batches (feature time), then ``PadimModel.fit()`` stacks them and
   fits its ``MultiVariateGaussian`` (Gaussian time); scoring is ``model(x)`` in
   eval mode, which returns maps and scores.
-* ``skpadim``: ``TorchvisionExtractor.transform`` on the training images
-  (feature time), then ``PatchGaussianDetector.fit`` on those embeddings; its
+* ``skpadim``: ``TorchvisionExtractor.transform`` on the training images and
+  a copy of the channel subset (feature time: anomalib's forward pass keeps
+  its subset too), then ``PatchGaussianDetector.fit`` on those embeddings; its
   Gaussian time is the fit minus the threshold pass that the fit ends with
   (``score_samples`` on the training embeddings, timed again after the fit and
-  reported apart). Scoring is ``transform`` then ``anomaly_maps``, batch by
-  batch.
+  reported apart). Scoring is ``transform``, the subset, then
+  ``anomaly_maps``, batch by batch.
 * ``skpadim-stream``: ``PatchGaussianDetector.fit`` on the images directly, the
   package's ordinary use: embeddings are reduced to statistics batch by batch
   and never all held. Its fit includes a second backbone pass over the
@@ -273,7 +274,7 @@ def worker(cfg):
                 dists.append(d[:, 0].cpu())
         result["threshold_s"] = None
     else:
-        from skpadim import PatchCovariance, PatchGaussianDetector
+        from skpadim import PatchCovariance, PatchEmbeddings, PatchGaussianDetector
 
         PatchCovariance(shrinkage=cfg["eps"], device=cfg["device"]).fit(toy).mahalanobis(toy)
 
@@ -285,10 +286,20 @@ def worker(cfg):
         if impl == "skpadim":
             ext = build_extractor(cfg).fit()
             ext.transform(batches[0])  # warm-up
+
+            def features(x):
+                # anomalib keeps its channel subset inside its forward pass
+                # (index_select after the backbone), so its feature time has it:
+                # here too, and the detector then keeps all the channels it gets.
+                emb = ext.transform(x)
+                kept = np.take(np.asarray(emb), cfg["channels"], axis=1)
+                return PatchEmbeddings(kept, image_shapes=emb.image_shapes,
+                                       resize_shape=emb.resize_shape, crop_box=emb.crop_box)
+
             rss_before_fit = common.current_rss_bytes()
             with common.PeakRSS() as m_feat, common.Timer(cuda) as t_feat:
-                fit_input = ext.transform(train)
-            det = PatchGaussianDetector(**det_kwargs)
+                fit_input = features(train)
+            det = PatchGaussianDetector(**dict(det_kwargs, n_features=None))
             with common.PeakRSS() as m_gauss, common.Timer(cuda) as t_gauss:
                 det.fit(fit_input)
         else:
@@ -301,8 +312,11 @@ def worker(cfg):
             with common.Timer(cuda) as t_gauss:  # features and statistics interleaved
                 det.fit(fit_input)
         rss_fit = common.max_rss_bytes()
-        if not np.array_equal(det.channel_indices_, cfg["channels"]):
-            raise RuntimeError("skpadim drew other channels than the ones given to anomalib")
+        kept = det.channel_indices_
+        if impl == "skpadim":  # it was given the subset, and kept all of it
+            kept = np.asarray(cfg["channels"])[kept]
+        if not np.array_equal(kept, cfg["channels"]):
+            raise RuntimeError("skpadim kept other channels than the ones given to anomalib")
         # fit ends with a threshold pass: score_samples on the training data. Time
         # it again now and take it out of the Gaussian time; one-off set-up that
         # the first pass did (factors prepared for scoring) stays in the fit.
@@ -320,13 +334,15 @@ def worker(cfg):
         maps, dists = [], []
         with common.Timer(cuda) as t_score:
             for x in batches:
-                e = ext.transform(x) if impl == "skpadim" else x
+                e = features(x) if impl == "skpadim" else x
                 maps.append(torch.from_numpy(det.anomaly_maps(e)))
         scores = [m.flatten(1).amax(dim=1) for m in maps]  # = -score_samples at this resolution
-        extractor = ext if impl == "skpadim" else det.feature_extractor_
         for x in batches:  # untimed: raw patch distances
-            e = extractor.transform(x)
-            dists.append(torch.from_numpy(det.gaussian_.mahalanobis(e[:, det.channel_indices_])))
+            if impl == "skpadim":
+                e = features(x)
+            else:
+                e = det.feature_extractor_.transform(x)[:, det.channel_indices_]
+            dists.append(torch.from_numpy(det.gaussian_.mahalanobis(e)))
 
     np.save(workdir / f"{impl}.maps.npy", torch.cat(maps).numpy().astype(np.float32))
     np.save(workdir / f"{impl}.scores.npy", torch.cat(scores).numpy().astype(np.float64))
