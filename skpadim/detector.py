@@ -288,14 +288,19 @@ class _ChannelTaker:
     is tens of megabytes, so a fresh array per batch would be mapped anew by
     the allocator each time, its page faults costing as much as the copy. The
     result is only valid until the next call: each loop has its own taker.
+    When every channel is kept, in order (``n_features=None``), the embeddings
+    themselves are returned: what follows only reads them.
     """
 
     def __init__(self, channels):
         self.channels = channels
+        self._all = np.array_equal(channels, np.arange(len(channels)))
         self._buffer = None
 
     def __call__(self, emb):
         emb = np.asarray(emb)
+        if self._all and emb.shape[1] == len(self.channels):
+            return emb
         shape = (len(emb), len(self.channels), *emb.shape[2:])
         buf = self._buffer
         if buf is None or buf.dtype != emb.dtype or buf.shape[1:] != shape[1:] or len(buf) < len(emb):

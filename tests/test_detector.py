@@ -513,6 +513,37 @@ def test_patch_trim_leaves_out_the_farthest_patches_per_position(normal_images, 
     assert gap(trimmed.score_samples(test_images)) > gap(naive.score_samples(test_images))
 
 
+@pytest.mark.parametrize("pooling", [1, 3])
+@pytest.mark.parametrize("trim, trim_by", [(0.0, "image"), (0.25, "image"), (0.25, "patch")])
+def test_embeddings_whose_channels_are_all_kept_are_read_in_place_and_left_alone(
+        tiny_extractor, normal_images, test_images, pooling, trim, trim_by):
+    # n_features=None keeps every channel in order: the embeddings are no longer
+    # copied batch by batch, so nothing downstream may write to them.
+    ext = clone(tiny_extractor).fit(normal_images)
+    train, test = ext.transform(normal_images), ext.transform(test_images)
+    before = train.copy(), test.copy()
+    assert np.shares_memory(skpadim.detector._ChannelTaker(np.arange(train.shape[1]))(train), train)
+    params = dict(n_features=None, pooling=pooling, trim=trim, trim_by=trim_by, batch_size=3)
+    det = PatchGaussianDetector(**params).fit(train)
+    got = det.score_samples(test), det.anomaly_maps(test), det.score_samples(train)
+    np.testing.assert_array_equal(train, before[0])
+    np.testing.assert_array_equal(test, before[1])
+    # The same as through the copying path.
+    plain_init = skpadim.detector._ChannelTaker.__init__
+
+    def copying(self, channels):
+        plain_init(self, channels)
+        self._all = False
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(skpadim.detector._ChannelTaker, "__init__", copying)
+        ref = PatchGaussianDetector(**params).fit(train)
+        expected = ref.score_samples(test), ref.anomaly_maps(test), ref.score_samples(train)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    assert det.offset_ == ref.offset_
+
+
 @pytest.mark.parametrize("size", [3, 5, 7])
 @pytest.mark.parametrize("grid", [(6, 9), (2, 7), (1, 1), (4, 3)], ids=str)
 def test_pooling_averages_the_neighbours_that_exist(size, grid):
