@@ -334,3 +334,50 @@ def test_section_parsing_without_numpydoc():
     assert sections["Parameters"] == ["a, b", "**kwargs"]
     assert sections["Returns"] == ["total"]
     assert "Examples" in sections and "Attributes" not in sections
+
+
+# ---------------------------------------------------------------------------
+# README.rst
+# ---------------------------------------------------------------------------
+
+
+def _readme_blocks(text, opener):
+    """The indented blocks of ``text`` that follow a line matching ``opener``, dedented."""
+    lines, blocks = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if not re.search(opener, line):
+            continue
+        body = []
+        for following in lines[i + 1 :]:
+            if following.strip() and not following.startswith((" ", "\t")):
+                break
+            body.append(following)
+        blocks.append(textwrap.dedent("\n".join(body)).strip())
+    return blocks
+
+
+def test_the_readme_example_runs_as_written(capsys):
+    # The first code users copy: a changed name or signature must fail here.
+    text = (ROOT / "README.rst").read_text(encoding="utf-8")
+    (example,) = _readme_blocks(text, r"^\.\. code-block:: python\s*$")
+    namespace = {}
+    exec(compile(example, "README.rst", "exec"), namespace)
+    n_test = len(namespace["data"].X_test)
+    assert namespace["scores"].shape == (n_test,)
+    assert len(namespace["maps"]) == n_test
+    assert len(capsys.readouterr().out.splitlines()) >= 2
+
+
+def test_the_readme_paper_recipe_is_a_valid_detector():
+    from sklearn.base import clone
+
+    import skpadim
+
+    text = (ROOT / "README.rst").read_text(encoding="utf-8")
+    (recipe,) = _readme_blocks(text, r"paper's own recipe is a choice of parameters::\s*$")
+    det = eval(recipe, {"PatchGaussianDetector": skpadim.PatchGaussianDetector,
+                        "TorchvisionExtractor": skpadim.TorchvisionExtractor})  # fmt: skip
+    det._validate_params()
+    params = clone(det).get_params()
+    assert (params["n_features"], params["shrinkage"], params["pooling"]) == (100, 0.01, 1)
+    assert params["feature_extractor__backbone"] == "resnet18"
