@@ -21,6 +21,7 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,11 +338,11 @@ def test_section_parsing_without_numpydoc():
 
 
 # ---------------------------------------------------------------------------
-# README.rst
+# README.rst and the getting-started page
 # ---------------------------------------------------------------------------
 
 
-def _readme_blocks(text, opener):
+def _indented_blocks(text, opener):
     """The indented blocks of ``text`` that follow a line matching ``opener``, dedented."""
     lines, blocks = text.splitlines(), []
     for i, line in enumerate(lines):
@@ -359,7 +360,7 @@ def _readme_blocks(text, opener):
 def test_the_readme_example_runs_as_written(capsys):
     # The first code users copy: a changed name or signature must fail here.
     text = (ROOT / "README.rst").read_text(encoding="utf-8")
-    (example,) = _readme_blocks(text, r"^\.\. code-block:: python\s*$")
+    (example,) = _indented_blocks(text, r"^\.\. code-block:: python\s*$")
     namespace = {}
     exec(compile(example, "README.rst", "exec"), namespace)
     n_test = len(namespace["data"].X_test)
@@ -374,10 +375,25 @@ def test_the_readme_paper_recipe_is_a_valid_detector():
     import skpadim
 
     text = (ROOT / "README.rst").read_text(encoding="utf-8")
-    (recipe,) = _readme_blocks(text, r"paper's own recipe is a choice of parameters::\s*$")
+    (recipe,) = _indented_blocks(text, r"paper's own recipe is a choice of parameters::\s*$")
     det = eval(recipe, {"PatchGaussianDetector": skpadim.PatchGaussianDetector,
                         "TorchvisionExtractor": skpadim.TorchvisionExtractor})  # fmt: skip
     det._validate_params()
     params = clone(det).get_params()
     assert (params["n_features"], params["shrinkage"], params["pooling"]) == (100, 0.01, 1)
     assert params["feature_extractor__backbone"] == "resnet18"
+
+
+def test_the_getting_started_page_runs_as_written(tmp_path, monkeypatch):
+    # Its code blocks are one session: run in order, in one namespace (the model
+    # file it saves goes to a temporary folder).
+    text = (ROOT / "doc" / "getting_started.rst").read_text(encoding="utf-8")
+    blocks = _indented_blocks(text, r"^\.\. code-block:: python\s*$")
+    assert len(blocks) >= 8
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"getting_started.rst, block {i + 1}", "exec"), namespace)
+    assert namespace["det"].offset_ == pytest.approx(
+        np.percentile(namespace["det"].score_samples(namespace["X_good_held_out"]), 1))
+    assert (tmp_path / "brick.npz").is_file()
