@@ -1,4 +1,4 @@
-"""The documentation covers the public API.
+"""The documentation covers the public API, and its code runs.
 
 * Every name in the ``__all__`` of the public modules is listed in
   ``doc/api.rst``, so that it gets a reference page.
@@ -7,6 +7,8 @@
   takes arguments (naming each of them), ``Returns`` (or ``Yields``) when it
   returns something, ``Attributes`` for estimators, and ``Examples`` for classes
   and functions.
+* The code a reader copies runs as written: the README's example (and its
+  paper-recipe constructor) and the getting-started page's blocks, in order.
 
 The Sphinx build itself is not run here; CI builds the documentation separately.
 Sections are parsed with ``numpydoc.docscrape`` when numpydoc is installed (it
