@@ -649,7 +649,8 @@ def test_an_extractor_whose_grid_differs_between_the_trimming_halves_is_named():
     X = [rng.rand(32 + 8 * (i % 2), 32 + 8 * (i % 2), 3) for i in range(8)]
     det = PatchGaussianDetector(_NativeGrid(TinyNet(), layers=("block1",), weights=None),
                                 n_features=None, batch_size=2, trim=0.25)
-    with pytest.raises(ValueError, match=r"grid of \(10, 10\) positions for one half of the images and \(8, 8\)"):
+    message = r"grid of \(10, 10\) positions for one half of the images and \(8, 8\)"
+    with pytest.raises(ValueError, match=message):
         det.fit(X)
     assert not hasattr(det, "gaussian_")
 
