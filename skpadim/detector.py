@@ -780,10 +780,11 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             halves = (np.arange(0, n_images, 2), np.arange(1, n_images, 2))
             gaussian_a, channels, n_channels, input_shape, aspects_a = self._fit_gaussian(
                 _take_images(X, halves[0]), extractor)
+            # The second half must give the first half's grid and channels:
+            # checked at its first batch, not after it is fitted.
+            first = (gaussian_a.grid_shape_, n_channels)
             gaussian_b, _, _, _, aspects_b = self._fit_gaussian(
-                _take_images(X, halves[1]), extractor, channels)
-            if gaussian_b.grid_shape_ != gaussian_a.grid_shape_:
-                raise _grid_change_error(gaussian_b.grid_shape_, gaussian_a.grid_shape_, "half of the images")
+                _take_images(X, halves[1]), extractor, channels, like=first)
             aspects = np.concatenate([aspects_a, aspects_b])
         else:
             gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
@@ -813,7 +814,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             order = np.argsort(scores, kind="stable")
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
             kept = _take_images(X, np.sort(order[n_trim:]))
-            gaussian = self._fit_gaussian(kept, extractor, channels)[0]
+            gaussian = self._fit_gaussian(kept, extractor, channels, like=first)[0]
         elif trimming:
             # Per position, the n_trim training patches farthest (out of fold)
             # from the Gaussian of the other half are left out: a defect covers
@@ -829,7 +830,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             worst = np.argsort(distances, axis=0, kind="stable")[-n_trim:]
             keep = np.ones(distances.shape, dtype=bool)
             np.put_along_axis(keep, worst, False, axis=0)
-            gaussian = self._fit_gaussian(X, extractor, channels, keep=keep)[0]
+            gaussian = self._fit_gaussian(X, extractor, channels, keep=keep, like=first)[0]
         fitted.gaussian_ = gaussian
         if trimming and self.trim_by == "patch":
             in_fit = keep
@@ -838,15 +839,18 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             in_fit[fitted.trimmed_indices_] = False
         return fitted, X, in_fit
 
-    def _fit_gaussian(self, X, extractor, channels=None, keep=None):
+    def _fit_gaussian(self, X, extractor, channels=None, keep=None, like=None):
         """One streaming pass: the per-position Gaussian of X's (pooled) embeddings;
-        ``keep``: None or bool (n_images, h * w), the patches to fit on."""
+        ``keep``: None or bool (n_images, h * w), the patches to fit on; ``like``:
+        None or the ``(grid, n_channels)`` of an earlier pass of the same fit, which
+        every batch must give too."""
         gaussian = PatchCovariance(
             shrinkage=self.shrinkage, device=self.device, dtype="float32",
             store_covariance=False, compact=self.compact,
         )
         gaussian._validate_params()
         moments, n_channels, aspects, start = None, None, [], 0
+        grid, part = (None, "batch") if like is None else (like[0], "part of the images")
         subsets = _computes_subsets(extractor, X)
         if subsets:  # the extractor computes the kept channels only
             n_channels = extractor.n_channels_
@@ -855,21 +859,23 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             take = np.asarray
         for emb in self._embedding_batches(X, extractor, channels if subsets else None):
             if start == 0:
-                input_shape, grid = emb.input_shape, tuple(emb.shape[2:])
-            elif tuple(emb.shape[2:]) != grid:
+                input_shape = emb.input_shape
+                grid = tuple(emb.shape[2:]) if grid is None else grid
+            if tuple(emb.shape[2:]) != grid:
                 # One Gaussian per position: every batch must share the grid
                 # (else the first batch's positions would take other patches).
-                raise _grid_change_error(tuple(emb.shape[2:]), grid, "batch")
+                raise _grid_change_error(tuple(emb.shape[2:]), grid, part)
             if n_channels is None:  # (known already where the extractor picks them)
-                n_channels = emb.shape[1]
+                n_channels = emb.shape[1] if like is None else like[1]
                 if channels is None:
                     channels = self._draw_channels(n_channels)
                 take = _ChannelTaker(channels)
-            elif not subsets and emb.shape[1] != n_channels:
+            if not subsets and emb.shape[1] != n_channels:
                 raise ValueError(
-                    f"The feature extractor returned {emb.shape[1]} channels for one batch "
+                    f"The feature extractor returned {emb.shape[1]} channels for one {part} "
                     f"and {n_channels} for another."
                 )
+            part = "batch"  # (the later batches of this pass are checked against its first)
             aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
             selected = self._pooled(take(emb))
             selected = gaussian._check_embeddings(selected, reset=True)

@@ -641,18 +641,50 @@ def test_an_extractor_whose_grid_changes_between_batches_is_named(order):
     assert not hasattr(det, "gaussian_")
 
 
-def test_an_extractor_whose_grid_differs_between_the_trimming_halves_is_named():
+class _ExtraChannelForBright(TorchvisionExtractor):
+    """An extractor that adds a channel for bright images (mean above 0.5)."""
+
+    def transform(self, X):
+        emb = super().transform(X)
+        bright = np.array([float(img.mean()) > 0.5 for img in X])
+        if bright.all():
+            return np.concatenate([emb, emb[:, :1]], axis=1)
+        assert not bright.any(), "this test's batches are all bright or all dark"
+        return np.asarray(emb)
+
+
+def test_an_extractor_whose_grid_differs_between_the_trimming_halves_is_named(monkeypatch):
     # With trim, each half of the images (every other one) is fitted apart: an
     # extractor giving the two halves different grids passed the batch check
-    # and failed later with a shape error of PatchCovariance.
+    # and failed later with a shape error of PatchCovariance; then only once the
+    # second half was fitted. It is named at the second half's first batch.
     rng = np.random.RandomState(0)
     X = [rng.rand(32 + 8 * (i % 2), 32 + 8 * (i % 2), 3) for i in range(8)]
+    calls, transform = [], _NativeGrid.transform
+    monkeypatch.setattr(_NativeGrid, "transform", lambda self, X: calls.append(len(X)) or transform(self, X))
     det = PatchGaussianDetector(_NativeGrid(TinyNet(), layers=("block1",), weights=None),
                                 n_features=None, batch_size=2, trim=0.25)
-    message = r"grid of \(10, 10\) positions for one half of the images and \(8, 8\)"
+    message = r"grid of \(10, 10\) positions for one part of the images and \(8, 8\)"
     with pytest.raises(ValueError, match=message):
         det.fit(X)
     assert not hasattr(det, "gaussian_")
+    # Two batches of the first half (4 images), then the second half's first.
+    assert calls == [2, 2, 2]
+
+
+def test_an_extractor_whose_channels_differ_between_the_trimming_halves_is_named():
+    # The second half took the first half's channel indices from embeddings of
+    # another width without a word: now named at its first batch.
+    rng = np.random.RandomState(0)
+    X = [0.4 * rng.rand(32, 32, 3) + 0.6 * (i % 2) for i in range(8)]
+    det = PatchGaussianDetector(_ExtraChannelForBright(TinyNet(), layers=("block1",), weights=None),
+                                n_features=None, batch_size=2, trim=0.25)
+    with pytest.raises(ValueError, match=r"returned \d+ channels for one part of the images"):
+        det.fit(X)
+    assert not hasattr(det, "gaussian_")
+    # Without trim (dark images first), at the first bright batch, as before.
+    with pytest.raises(ValueError, match=r"returned \d+ channels for one batch"):
+        det.set_params(trim=0.0).fit(X[::2] + X[1::2])
 
 
 class _PlainOutput(TorchvisionExtractor):
