@@ -24,9 +24,20 @@ pixels with the magnification along each axis (``log(frame H / H)``,
 ``log(frame W / W)``) and with the stretch (``|log((H / W) / (frame H /
 frame W))|``): whether the whole map rises with the resize.
 
+A third table asks whether the image scores rest on the defects themselves:
+per defect type, the share of defective images whose map maximum lies within
+16 px of a defect pixel, and the image AUROC against all good test images,
+overall and within each third of the test images by width (narrow, middle,
+wide).
+
+``--tiled`` runs ``TiledDetector()`` (every image at one pixel scale) instead of
+the defaults; its images are not resized into one frame, so the second table is
+left out.
+
 Example (from the repository root)::
 
     python benchmarks/pixel_errors.py --root ../shared/data/magnetic_tile
+    python benchmarks/pixel_errors.py --root ../shared/data/magnetic_tile --tiled
 """
 
 import argparse
@@ -116,6 +127,34 @@ def geometry(maps, masks, defect_types, frame):
     return rows
 
 
+def localisation(maps, masks, scores, defect_types, near=16):
+    """Rows: per defect type, where each map peaks and how the image scores
+    separate the type from the good images, by thirds of the images' width."""
+    from scipy.ndimage import distance_transform_edt
+
+    from skpadim.metrics import image_auroc
+
+    types = np.asarray(defect_types)
+    widths = np.array([m.shape[1] for m in maps])
+    edges = np.quantile(widths, [1 / 3, 2 / 3])
+    third = np.searchsorted(edges, widths, side="right")  # 0 narrow, 1 middle, 2 wide
+    good = types == "good"
+    rows = []
+    for kind in sorted(set(types) - {"good"}):
+        idx = np.flatnonzero(types == kind)
+        peaks_near = [distance_transform_edt(~masks[i]).ravel()[np.argmax(maps[i])] <= near for i in idx]
+        row = {"defect_type": kind, "n": len(idx), "peak_near_defect_pct": 100 * float(np.mean(peaks_near))}
+        for t, name in enumerate(("all", "narrow", "middle", "wide"), start=-1):
+            sel = good | (types == kind)
+            if t >= 0:
+                sel &= third == t
+            y = (types[sel] != "good").astype(int)
+            row[f"image_auroc_{name}"] = 100 * image_auroc(y, scores[sel]) if 0 < y.sum() < len(y) else None
+            row[f"n_{name}"] = int(y.sum())
+        rows.append(row)
+    return rows, [int(e) for e in edges]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="MVTec-layout category folder")
@@ -123,10 +162,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--tiled", action="store_true",
+                        help="TiledDetector() instead of the defaults (default: off)")
     args = parser.parse_args(argv)
     import torch
 
-    from skpadim import PatchGaussianDetector
+    from skpadim import PatchGaussianDetector, TiledDetector
     from skpadim.datasets import load_masks, load_mvtec
 
     threads = args.threads or torch.get_num_threads()
@@ -139,21 +180,34 @@ def main(argv=None):
     test = frame[frame.split == "test"].reset_index(drop=True)
     if args.max_train:
         train = train.iloc[common.spread_over_aspects(train.path, args.max_train)]
-    det = PatchGaussianDetector(random_state=args.seed).fit(train.path.tolist())
-    maps = det.anomaly_maps(test.path.tolist())
+    det = PatchGaussianDetector(random_state=args.seed)
+    det = (TiledDetector(det) if args.tiled else det).fit(train.path.tolist())
+    maps = list(det.anomaly_maps(test.path.tolist()))
+    scores = -det.score_samples(test.path.tolist())
     masks = [m > 0 for m in load_masks(test.mask_path.tolist(), shapes=[m.shape for m in maps])]
-    rows = analyse(list(maps), masks, test.defect_type.tolist())
-    geometry_rows = geometry(list(maps), masks, test.defect_type.tolist(), det.input_shape_)
-    name = "_".join(common.slug(p) for p in ("pixel_errors", root.resolve().name))
+    types = test.defect_type.tolist()
+    rows = analyse(maps, masks, types)
+    peak_rows, width_edges = localisation(maps, masks, scores, types)
+    parts = ("pixel_errors", root.resolve().name, "tiled" if args.tiled else "")
+    name = "_".join(common.slug(p) for p in parts if p)
     columns = COLUMNS + ("pixel_auroc_with_good",)
     meta = {"benchmark": "pixel_errors", "config": vars(args), "n_train": len(train),
-            "n_test": len(test), "frame": list(det.input_shape_), "geometry": geometry_rows,
+            "n_test": len(test), "localisation": peak_rows, "width_thirds_px": width_edges,
             "environment": env}  # fmt: skip
     print(common.format_table(rows, columns, HEADERS + ("px AUROC w/ good",)))
-    print(f"\nSpearman's rho of the median score of each image's normal pixels with its "
-          f"resize into the {det.input_shape_[0]} x {det.input_shape_[1]} frame:")
-    print(common.format_table(geometry_rows, tuple(geometry_rows[0]),
-                              ("images", "n", "magnified H", "magnified W", "stretch")))
+    if not args.tiled:
+        geometry_rows = geometry(maps, masks, types, det.input_shape_)
+        meta.update(frame=list(det.input_shape_), geometry=geometry_rows)
+        print(f"\nSpearman's rho of the median score of each image's normal pixels with its "
+              f"resize into the {det.input_shape_[0]} x {det.input_shape_[1]} frame:")
+        print(common.format_table(geometry_rows, tuple(geometry_rows[0]),
+                                  ("images", "n", "magnified H", "magnified W", "stretch")))
+    print(f"\nMap maxima within 16 px of a defect, and image AUROC (%) against the good images, "
+          f"overall and by width (thirds of the test images: < {width_edges[0]} px, "
+          f"{width_edges[0]}-{width_edges[1]}, >= {width_edges[1]}; defective images in each):")
+    print(common.format_table(peak_rows, tuple(peak_rows[0]),
+                              ("defect", "n", "peak near %", "img all", "n", "narrow", "n", "middle", "n",
+                               "wide", "n")))
     csv_path, json_path = common.write_results(name, rows, columns, meta, args.results_dir)
     print(f"wrote {csv_path} and {json_path}")
 
