@@ -925,6 +925,25 @@ def _binarize(mask):
     return mask > 127
 
 
+def _resize_mask(mask, size):
+    """A boolean mask resized to ``size`` (height, width) without losing a defect.
+
+    Along a side that shrinks, each output pixel covers a run of input pixels
+    (the runs partition the side) and is a defect if any of them is: nearest
+    neighbour sampling would drop defects narrower than the step, and their
+    image would then count as good. Along a side that grows, pixels are
+    repeated (nearest neighbour).
+    """
+    for axis, target in enumerate(size):
+        n = mask.shape[axis]
+        if target < n:
+            starts = (np.arange(target) * n) // target
+            mask = np.logical_or.reduceat(mask, starts, axis=axis)
+        elif target > n:
+            mask = np.take(mask, ((np.arange(target) + 0.5) * n / target).astype(np.intp), axis=axis)
+    return mask
+
+
 def load_masks(mask_paths, shapes=None, size=None):
     """Read defect masks as boolean arrays, with all-False masks for None entries.
 
@@ -938,7 +957,10 @@ def load_masks(mask_paths, shapes=None, size=None):
         None; masks read from files are checked against it.
     size : int, (height, width) or None, default=None
         None keeps each mask at its own size; otherwise every mask is resized
-        (PIL nearest neighbour) to ``(size, size)`` or ``(height, width)``.
+        to ``(size, size)`` or ``(height, width)``: where it shrinks, a pixel
+        is a defect if any pixel it covers is, so that no defect vanishes
+        (nearest neighbour sampling would drop those narrower than its step);
+        where it grows, pixels are repeated.
 
     Returns
     -------
@@ -957,8 +979,6 @@ def load_masks(mask_paths, shapes=None, size=None):
     >>> load_masks([None], size=8).shape
     (1, 8, 8)
     """
-    from PIL import Image
-
     mask_paths = _check_paths(mask_paths, "mask_paths")
     size = _check_size(size)
     if shapes is not None:
@@ -985,11 +1005,10 @@ def load_masks(mask_paths, shapes=None, size=None):
         # defects bright in one channel only: read the brightest channel, not a
         # grey level that could fall below the threshold (pure red is 76 in grey).
         colour = img.mode not in _GREY_MODES
-        img = img.convert("RGB" if colour else "L")
-        if size is not None:
-            img = img.resize(_pil_size(size), Image.NEAREST)
-        values = np.asarray(img)
+        values = np.asarray(img.convert("RGB" if colour else "L"))
         mask = _binarize(values.max(axis=2) if colour else values)
+        if size is not None:
+            mask = _resize_mask(mask, size)
         if size is None and shapes is not None and mask.shape != shapes[i]:
             raise ValueError(
                 f"Mask {str(path)!r} has shape {mask.shape} but its image has "

@@ -408,7 +408,9 @@ def test_load_masks(tmp_path):
 
     resized = load_masks([tmp_path / "m.png", None], size=(10, 15))
     assert resized.shape == (2, 10, 15) and resized.dtype == bool
-    assert resized[0].sum() == 24 // 4 and not resized[1].any()  # halved each way
+    # Halved each way: a pixel is a defect if any of the four it covers is.
+    np.testing.assert_array_equal(resized[0], (mask > 0).reshape(10, 2, 15, 2).any(axis=(1, 3)))
+    assert not resized[1].any()
 
     with pytest.raises(ValueError, match="shapes nor size"):
         load_masks([None])
@@ -424,6 +426,32 @@ def test_load_masks(tmp_path):
     for shapes in ([5], [(0, 3)], ["ab"]):
         with pytest.raises(ValueError, match=r"shapes\[0\] must be an image shape"):
             load_masks([None], shapes=shapes)
+
+
+def test_load_masks_keeps_small_defects_when_shrinking(tmp_path):
+    # Nearest-neighbour sampling dropped defects narrower than its step: their
+    # image came back with an empty mask and counted as good.
+    rng = np.random.default_rng(0)
+    for k in range(20):
+        mask = np.zeros((97, 131), dtype=np.uint8)
+        r, c = rng.integers(0, 95), rng.integers(0, 129)
+        mask[r : r + 2, c : c + 2] = 255
+        _save(tmp_path / f"m{k}.png", mask)
+    small = load_masks([tmp_path / f"m{k}.png" for k in range(20)], size=(13, 17))
+    assert small.any(axis=(1, 2)).all()
+    # Against a plain reference: output pixel (i, j) covers rows [i * 97 // 13,
+    # (i + 1) * 97 // 13) and the like for columns.
+    full = load_masks([tmp_path / "m0.png"])[0]
+    rows, cols = np.arange(14) * 97 // 13, np.arange(18) * 131 // 17
+    expected = [[full[rows[i]:rows[i + 1], cols[j]:cols[j + 1]].any() for j in range(17)]
+                for i in range(13)]
+    np.testing.assert_array_equal(small[0], expected)
+    # Growing repeats pixels, as nearest neighbour does; a mixed resize does both.
+    np.testing.assert_array_equal(load_masks([tmp_path / "m0.png"], size=(194, 262))[0],
+                                  full.repeat(2, axis=0).repeat(2, axis=1))
+    by_columns = np.stack([full[:, cols[j]:cols[j + 1]].any(axis=1) for j in range(17)], axis=1)
+    np.testing.assert_array_equal(load_masks([tmp_path / "m0.png"], size=(194, 17))[0],
+                                  by_columns.repeat(2, axis=0))
 
 
 @pytest.mark.parametrize("high", [1, 255, 65535])
@@ -488,6 +516,10 @@ def test_load_mvtec_on_magnetic_tile():
     X, y, M = load_mvtec_arrays(sample, size=64)
     assert X.shape == (8, 64, 64, 3) and y.tolist() == [1] * 6 + [0] * 2
     assert M[:6].reshape(6, -1).any(axis=1).all() and not M[6:].any()
+    # Shrunk a lot, every defective image still has a defect (nearest-neighbour
+    # sampling left 74 of the 257 empty at this size).
+    small = load_masks(test["mask_path"].tolist(), size=24)
+    np.testing.assert_array_equal(small.any(axis=(1, 2)), test["label"].to_numpy() == 1)
 
 
 # -- docstrings -------------------------------------------------------------------
