@@ -29,6 +29,7 @@ the greater one (+1 normal, -1 anomalous, as returned by ``predict``); it
 then equals :func:`image_auroc` with 1 = anomalous.
 """
 
+import inspect
 import numbers
 
 import numpy as np
@@ -226,7 +227,7 @@ def aupro(masks, maps, max_fpr=0.3, num_thresholds=None):
         mask.
     max_fpr : float in (0, 1], default=0.3
         Integration limit on the false-positive rate.
-    num_thresholds : int >= 2, default=None
+    num_thresholds : int in [2, 2**24], default=None
         None evaluates the curve exactly, at every distinct map value. An
         integer instead uses that many equally spaced thresholds from the
         smallest to the largest map value, as some published implementations
@@ -258,15 +259,7 @@ def aupro(masks, maps, max_fpr=0.3, num_thresholds=None):
     >>> round(aupro(masks, maps), 4)  # PRO rises from 0.5 to 0.65 at FPR 0.3
     0.575
     """
-    if isinstance(max_fpr, bool) or not isinstance(max_fpr, numbers.Real) or not 0 < max_fpr <= 1:
-        raise ValueError(f"max_fpr must be a float in (0, 1]; got {max_fpr!r}.")
-    if num_thresholds is not None and (
-        not isinstance(num_thresholds, numbers.Integral)
-        or isinstance(num_thresholds, bool)
-        or num_thresholds < 2
-    ):
-        raise ValueError(f"num_thresholds must be None or an int >= 2; got {num_thresholds!r}.")
-    max_fpr = float(max_fpr)
+    max_fpr = _check_aupro_params(max_fpr, num_thresholds)
     curve = _ProCurve(masks, maps, num_thresholds=num_thresholds)
 
     # Accumulate the trapezoids chunk by chunk rather than materialising the
@@ -285,6 +278,30 @@ def aupro(masks, maps, max_fpr=0.3, num_thresholds=None):
             break
         f_last, p_last = f[-1], p[-1]
     return float(area / max_fpr)
+
+
+# Most thresholds aupro's approximate curve takes: 2**24, the integers a float32
+# holds exactly, which float32 maps binned on a finer grid would not resolve.
+_MAX_THRESHOLDS = 2**24
+
+
+def _check_aupro_params(max_fpr=0.3, num_thresholds=None):
+    """:func:`aupro`'s options, checked; returns ``max_fpr`` as a float."""
+    if isinstance(max_fpr, bool) or not isinstance(max_fpr, numbers.Real) or not 0 < max_fpr <= 1:
+        raise ValueError(f"max_fpr must be a float in (0, 1]; got {max_fpr!r}.")
+    if num_thresholds is not None and (
+        not isinstance(num_thresholds, numbers.Integral)
+        or isinstance(num_thresholds, bool)
+        or num_thresholds < 2
+    ):
+        raise ValueError(f"num_thresholds must be None or an int >= 2; got {num_thresholds!r}.")
+    if num_thresholds is not None and num_thresholds > _MAX_THRESHOLDS:
+        # Beyond that the grid costs memory for nothing: the exact curve is cheaper.
+        raise ValueError(
+            f"num_thresholds={num_thresholds} is more than {_MAX_THRESHOLDS}; pass None "
+            "for the exact curve (every distinct map value)."
+        )
+    return float(max_fpr)
 
 
 def make_pixel_scorer(metric, **kwargs):
@@ -341,6 +358,23 @@ def make_pixel_scorer(metric, **kwargs):
             )
     elif not callable(metric):
         raise TypeError(f"metric must be a string or a callable; got {type(metric).__name__}.")
+    # Checked now: inside a search, an error raised while scoring becomes a NaN
+    # score for every candidate (error_score=nan), with only a warning.
+    function = _PIXEL_METRICS.get(metric) if isinstance(metric, str) else metric
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some callables do not expose one
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None, None, **kwargs)
+        except TypeError as exc:
+            name = metric if isinstance(metric, str) else getattr(metric, "__name__", repr(metric))
+            raise TypeError(
+                f"make_pixel_scorer({name!r}, ...): the metric cannot take these arguments ({exc})."
+            ) from None
+    if isinstance(metric, str) and metric == "aupro":
+        _check_aupro_params(**kwargs)
     return _PixelScorer(metric, kwargs)
 
 
@@ -437,7 +471,9 @@ class _ImageScorer:
     def __call__(self, estimator, X, y):
         if y is None:
             raise ValueError(f"{self.name} needs image labels (0 normal, 1 anomalous) or masks as y.")
-        return float(self.metric(_image_labels(y), -np.asarray(estimator.score_samples(X))))
+        scores = _check_finite(np.asarray(estimator.score_samples(X)), "score_samples")
+        # In float: negating unsigned or boolean scores would wrap or fail.
+        return float(self.metric(_image_labels(y), -scores.astype(np.float64)))
 
     def __repr__(self):
         return self.name
@@ -615,6 +651,14 @@ def _as_image_sequence(images, name):
     return array
 
 
+def _some_values(a, k=5):
+    """Up to ``k`` distinct values of ``a``, for an error message (``np.unique``
+    cannot sort an object array holding None)."""
+    if a.dtype.kind == "O":
+        return [repr(v) for v in dict.fromkeys(a.ravel().tolist())][:k]
+    return np.unique(a)[:k].tolist()
+
+
 def _check_mask(mask, i):
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -623,7 +667,7 @@ def _check_mask(mask, i):
         if mask.dtype.kind not in "biuf" or not np.all((mask == 0) | (mask == 1)):
             raise ValueError(
                 f"masks[{i}] must contain only 0 and 1 (or booleans); got values such "
-                f"as {np.unique(mask)[:5].tolist()}. For 0/255 images pass mask > 0."
+                f"as {_some_values(mask)}. For 0/255 images pass mask > 0."
             )
     return mask
 
@@ -634,7 +678,7 @@ def _check_binary(y, name):
     if y.dtype.kind not in "biuf" or not np.all((y == 0) | (y == 1)):
         raise ValueError(
             f"{name} must contain only 0 (normal) and 1 (anomalous); got values "
-            f"{np.unique(y)[:5].tolist()}. For the outlier convention (+1 normal, "
+            f"{_some_values(y)}. For the outlier convention (+1 normal, "
             f"-1 anomalous) pass {name} == -1."
         )
     return y.astype(bool)

@@ -19,6 +19,7 @@ from skpadim.metrics import (
     aupro,
     aupro_scorer,
     image_auroc,
+    image_auroc_scorer,
     make_pixel_scorer,
     pixel_auroc,
     pixel_auroc_scorer,
@@ -419,9 +420,49 @@ def test_scorer_errors_and_pickling():
         make_pixel_scorer("f1")
     with pytest.raises(TypeError, match="metric must be a string or a callable"):
         make_pixel_scorer(3)
+    # Arguments the metric cannot take are refused when the scorer is made:
+    # a search would otherwise turn the error into NaN scores for every candidate.
+    with pytest.raises(TypeError, match="cannot take these arguments.*max_fpr"):
+        make_pixel_scorer("pixel_auroc", max_fpr=0.05)
+    with pytest.raises(TypeError, match="cannot take these arguments.*num_threshold"):
+        make_pixel_scorer("aupro", num_threshold=10)
+    with pytest.raises(TypeError, match="cannot take these arguments.*'k'"):
+        make_pixel_scorer(lambda masks, maps: 0.0, k=2)
+    for bad in ({"max_fpr": 3}, {"max_fpr": 0}, {"num_thresholds": 1}, {"num_thresholds": 2**24 + 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            make_pixel_scorer("aupro", **bad)
     scorer = pickle.loads(pickle.dumps(make_pixel_scorer("aupro", max_fpr=0.1)))
     assert repr(scorer) == "make_pixel_scorer('aupro', max_fpr=0.1)"
     assert scorer(_BrightnessDetector(), X, masks) == aupro(masks, X, max_fpr=0.1)
+
+
+class _ScoresAreX(BaseEstimator):
+    """An estimator whose score_samples are its input, as given."""
+
+    def fit(self, X, y=None):
+        return self
+
+    def score_samples(self, X):
+        return X
+
+
+def test_image_scorers_negate_unsigned_and_boolean_scores_in_float():
+    # -uint8 wrapped around (-1 became 255) and turned a perfect ranking into 0.
+    y = np.array([1, 0, 0, 0])
+    for scores in (np.array([0, 1, 2, 3], dtype=np.uint8), np.array([0, 1, 1, 1], dtype=bool)):
+        expected = roc_auc_score(y, -scores.astype(float))
+        assert image_auroc_scorer(_ScoresAreX(), scores, y) == expected == 1.0
+    with pytest.raises(ValueError, match="score_samples contains NaN"):
+        image_auroc_scorer(_ScoresAreX(), np.array([0.0, np.nan, 1.0, 2.0]), y)
+
+
+def test_missing_labels_are_named_not_a_numpy_type_error():
+    # np.unique of an object array holding None raised TypeError inside the message.
+    with pytest.raises(ValueError, match=r"y_true must contain only 0.*None"):
+        image_auroc([0, 1, None], [0.1, 0.2, 0.3])
+    mask = np.array([[0, None], [1, 0]], dtype=object)
+    with pytest.raises(ValueError, match=r"masks\[0\] must contain only 0 and 1.*None"):
+        pixel_auroc([mask], [np.zeros((2, 2))])
 
 
 def test_doctests():
