@@ -447,6 +447,13 @@ def _normal_flags(y):
         raise ValueError(f"y must be 1-D labels or (n, H, W) masks, got shape {np.shape(labels)}.")
     if labels.dtype == object and all(isinstance(v, (bool, np.bool_)) for v in labels):
         labels = labels.astype(bool)  # a pandas column of booleans that once held None
+    if not is_masks and labels.dtype != bool and np.any(labels == 0) and np.any(labels == -1):
+        # Under 0 / 1, -1 would be anomalous; under +1 / -1, 1 would be normal:
+        # one stray label would flip the meaning of all the others.
+        raise ValueError(
+            "y mixes the two label conventions: it holds both 0 and -1. Use 0 (normal) / "
+            "1 (anomalous), or +1 (normal) / -1 (anomalous)."
+        )
     if is_masks or labels.dtype == bool or np.any(labels == 0):
         normal = labels == 0
     else:

@@ -54,6 +54,9 @@ def test_normal_only_kfold_keeps_anomalies_out_of_training():
         list(NormalOnlyKFold(5).split(np.zeros(6), [0, 0, 1, 1, 1, 1]))
     with pytest.raises(ValueError, match="needs y"):
         list(NormalOnlyKFold(2).split(np.zeros(4), None))
+    # A stray 0 among +1 / -1 labels turned every +1 (normal) into an anomaly.
+    with pytest.raises(ValueError, match="mixes the two label conventions"):
+        list(NormalOnlyKFold(2).split(np.zeros(8), [1, 1, 1, 1, -1, -1, 0, 0]))
     with pytest.raises(ValueError, match="n_splits"):
         NormalOnlyKFold(1)
     with pytest.raises(ValueError, match="no effect since shuffle is False"):
