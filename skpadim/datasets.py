@@ -89,6 +89,10 @@ def _check_texture(texture):
 def _check_defects(defects):
     if isinstance(defects, str):
         defects = (defects,)
+    elif isinstance(defects, (set, frozenset)):
+        # A set's order changes from one Python process to the next (string
+        # hashing is salted): take DEFECTS' order, so random_state reproduces.
+        defects = sorted(defects, key=lambda d: (DEFECTS.index(d) if d in DEFECTS else len(DEFECTS), str(d)))
     try:
         defects = tuple(defects)
     except TypeError:
@@ -123,12 +127,22 @@ def _check_size(size):
     return (_check_int(h, "size[0]", 1), _check_int(w, "size[1]", 1))
 
 
-def _check_paths(paths, name):
+def _check_paths(paths, name, missing_allowed=False):
+    """``paths`` as a list, every entry a path (or, with ``missing_allowed``, a
+    missing value: None, NaN, pandas' NA)."""
     if isinstance(paths, (str, os.PathLike)):
         raise TypeError(
             f"{name} must be a list of paths, got a single path; wrap it in a list."
         )
-    return list(paths)
+    try:
+        paths = list(paths)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of paths, got {paths!r}.") from None
+    for i, path in enumerate(paths):
+        if not isinstance(path, (str, os.PathLike)) and not (missing_allowed and _is_missing(path)):
+            kind = "a path (str or path-like) or None" if missing_allowed else "a path (str or path-like)"
+            raise TypeError(f"{name}[{i}] must be {kind}, got {path!r}.")
+    return paths
 
 
 # ---------------------------------------------------------------------------
@@ -876,9 +890,6 @@ def load_images(paths, size=None):
     from PIL import Image
 
     paths = _check_paths(paths, "paths")
-    for i, path in enumerate(paths):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"paths[{i}] must be a path (str or path-like), got {path!r}.")
     size = _check_size(size)
     images = []
     for path in paths:
@@ -979,7 +990,7 @@ def load_masks(mask_paths, shapes=None, size=None):
     >>> load_masks([None], size=8).shape
     (1, 8, 8)
     """
-    mask_paths = _check_paths(mask_paths, "mask_paths")
+    mask_paths = _check_paths(mask_paths, "mask_paths", missing_allowed=True)
     size = _check_size(size)
     if shapes is not None:
         shapes = [_check_shape(s, f"shapes[{i}]") for i, s in enumerate(shapes)]
@@ -1075,8 +1086,23 @@ def load_mvtec_arrays(frame_or_root, category=None, split="test", size=None):
             f"The data frame lacks the column(s) {missing}; pass one as load_mvtec returns it."
         )
     rows = frame[frame["split"] == split]
+    if not len(rows):
+        raise ValueError(f"The data frame has no {split!r} rows.")
+    labels = rows["label"].to_numpy()
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"The label column must hold 0 (good) or 1 (defective); got "
+                         f"{sorted(set(labels[~np.isin(labels, (0, 1))].tolist()), key=str)[:5]}.")
+    # An edited frame could pair a defective image with no mask (read as all
+    # good pixels, and as a good image where masks serve as y) or the reverse.
+    has_mask = ~rows["mask_path"].map(_is_missing).to_numpy(dtype=bool)
+    mismatches = [((labels == 1) & ~has_mask, "is defective (label 1) but has no mask_path"),
+                  ((labels == 0) & has_mask, "is good (label 0) but has a mask_path")]
+    for wrong, what in mismatches:
+        if wrong.any():
+            path = rows["path"].iloc[int(np.flatnonzero(wrong)[0])]
+            raise ValueError(f"{int(wrong.sum())} image(s) such as {str(path)!r} {what}.")
     X = load_images(rows["path"], size=size)
-    y = rows["label"].to_numpy(dtype=np.int64)
+    y = labels.astype(np.int64)
     shapes = None if size is not None else [x.shape[:2] for x in X]
     masks = load_masks(rows["mask_path"].tolist(), shapes=shapes, size=size)
     return X, y, masks

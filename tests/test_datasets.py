@@ -71,6 +71,22 @@ def test_make_textures_is_deterministic():
     assert not np.array_equal(a.X_test, c.X_test)
 
 
+class _BackwardsSet(set):
+    """A set iterated in reverse sorted order: like any set's, an order that depends
+    on string hashing, which differs from one Python process to the next."""
+
+    def __iter__(self):
+        return iter(sorted(super().__iter__(), reverse=True))
+
+
+def test_make_textures_reproduces_with_a_set_of_defects():
+    kwargs = dict(n_train=1, n_test=8, defect_ratio=1.0, image_size=32, random_state=0)
+    listed = make_textures(defects=("scratch", "stain", "hole", "patch"), **kwargs)
+    as_set = make_textures(defects=_BackwardsSet({"scratch", "stain", "hole", "patch"}), **kwargs)
+    np.testing.assert_array_equal(as_set.defect_types, listed.defect_types)
+    np.testing.assert_array_equal(as_set.X_test, listed.X_test)
+
+
 def test_make_textures_accepts_random_state_instance():
     a = make_textures(n_train=2, n_test=2, image_size=32, random_state=np.random.RandomState(5))
     b = make_textures(n_train=2, n_test=2, image_size=32, random_state=5)
@@ -311,6 +327,20 @@ def test_load_mvtec_arrays_at_native_and_fixed_size(tmp_path):
         load_mvtec_arrays(load_mvtec(root), category="cat")
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['mask_path'\]"):
         load_mvtec_arrays(load_mvtec(root).drop(columns="mask_path"))
+    # An edited frame: labels and masks must agree, and the split must have rows.
+    frame = load_mvtec(root)
+    unmasked = frame.assign(mask_path=None)
+    with pytest.raises(ValueError, match="2 image.* is defective .* but has no mask_path"):
+        load_mvtec_arrays(unmasked)
+    relabelled = frame.assign(label=1)
+    with pytest.raises(ValueError, match="is defective .* but has no mask_path"):
+        load_mvtec_arrays(relabelled, split="train")
+    with pytest.raises(ValueError, match="is good .* but has a mask_path"):
+        load_mvtec_arrays(frame.assign(label=0))
+    with pytest.raises(ValueError, match=r"label column must hold 0 .* or 1 .*; got \[2\]"):
+        load_mvtec_arrays(frame.assign(label=frame.label * 2))
+    with pytest.raises(ValueError, match="no 'train' rows"):
+        load_mvtec_arrays(frame[frame.split == "test"], split="train")
 
 
 def test_load_mvtec_missing_root_and_category(tmp_path):
@@ -372,6 +402,15 @@ def test_load_images_sizes_and_greyscale(tmp_path):
     assert load_images([], size=4).shape == (0, 4, 4, 3)
     with pytest.raises(TypeError, match="single path"):
         load_images(str(tmp_path / "grey.png"))
+    with pytest.raises(TypeError, match="paths must be a list of paths, got 5"):
+        load_images(5)
+    for bad in (3, b"grey.png", None):
+        with pytest.raises(TypeError, match=r"paths\[1\] must be a path"):
+            load_images([paths[0], bad])
+    # Masks take None (a good image) too, but nothing else that is not a path.
+    for bad in (3, b"m.png"):
+        with pytest.raises(TypeError, match=r"mask_paths\[0\] must be a path .* or None"):
+            load_masks([bad], size=4)
 
 
 def test_load_images_unreadable_files(tmp_path):
