@@ -172,6 +172,9 @@ def save(model, path):
         )
     if not hasattr(model, "offset_"):
         raise ValueError("save expects a fitted detector; call fit first.")
+    _check_exact_type(model)
+    if isinstance(model, TiledDetector):
+        _check_exact_type(model.detector_)
     if isinstance(model, TiledDetector):
         arrays, config = _contents(model.detector_)
         config["format_version"] = 3
@@ -210,7 +213,29 @@ def save(model, path):
     return path
 
 
+def _check_exact_type(obj):
+    """A file rebuilds the library's own classes: a subclass would come back as its
+    base class, without the methods it overrides, and score otherwise."""
+    base = next(c for c in (PatchGaussianDetector, TiledDetector, TorchvisionExtractor) if isinstance(obj, c))
+    if type(obj) is not base:
+        raise TypeError(
+            f"save rebuilds a {base.__name__} as such; {type(obj).__name__} is a subclass, whose "
+            "code a model file cannot hold. Use joblib.dump for this model and load it only "
+            "from trusted files."
+        )
+
+
+def _extractor_description(extractor):
+    """The parameters of a rebuildable extractor (JSON-ready), or None."""
+    if extractor is None:
+        return None
+    _check_rebuildable(extractor)
+    return {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS}
+
+
 def _check_rebuildable(extractor):
+    if isinstance(extractor, TorchvisionExtractor):
+        _check_exact_type(extractor)
     if not isinstance(extractor, TorchvisionExtractor) or not isinstance(extractor.backbone, str):
         raise TypeError(
             "save can only rebuild TorchvisionExtractor backbones given by name; a custom "
@@ -223,12 +248,9 @@ def _template(detector):
     """The description of an unfitted detector (a TiledDetector's ``detector``), or None."""
     if detector is None:
         return None
-    extractor = detector.feature_extractor
-    if extractor is not None:
-        _check_rebuildable(extractor)
-        extractor = {k: _jsonable(getattr(extractor, k), k) for k in _EXTRACTOR_PARAMS}
+    _check_exact_type(detector)
     return {"detector": {k: _jsonable(getattr(detector, k), k) for k in _DETECTOR_PARAMS},
-            "extractor": extractor}  # fmt: skip
+            "extractor": _extractor_description(detector.feature_extractor)}  # fmt: skip
 
 
 def _contents(model):
@@ -239,15 +261,18 @@ def _contents(model):
         "shrinkage": model.gaussian_.shrinkage_,
         "trimmed_indices": np.asarray(model.trimmed_indices_, dtype=np.int64),
     }
-    if model.compact:
+    # What the fit did, which parameters set after it (compact, shrinkage) do not change.
+    gaussian = model.gaussian_
+    compact = bool(gaussian.compact)
+    if compact:
         # The factors are float16 values already (compact rounds them at fit):
         # their lower triangles in float16 hold them exactly, in a quarter of the space.
-        arrays["cholesky_lower"] = _pack_lower_float16(model.gaussian_.cholesky_)
+        arrays["cholesky_lower"] = _pack_lower_float16(gaussian.cholesky_)
     else:
-        arrays["cholesky"] = model.gaussian_.cholesky_
+        arrays["cholesky"] = gaussian.cholesky_
     config = {
         "format": _MAGIC,
-        "format_version": 2 if model.compact else 1,
+        "format_version": 2 if compact else 1,
         "detector": {k: _jsonable(getattr(model, k), k) for k in _DETECTOR_PARAMS},
         "fitted": {
             "offset": float(model.offset_),
@@ -258,8 +283,13 @@ def _contents(model):
             "grid_shape": list(model.gaussian_.grid_shape_),
             "n_samples_seen": int(model.gaussian_.n_samples_seen_),
             "gaussian_dtype": model.gaussian_.dtype,
+            "gaussian_shrinkage": _jsonable(gaussian.shrinkage, "shrinkage"),
+            "gaussian_compact": compact,
         },
         "extractor": None,
+        # The feature_extractor parameter as get_params gives it (the fitted one
+        # below may differ: parameters set after fit, or a fit on embeddings).
+        "extractor_param": _extractor_description(model.feature_extractor),
     }
     extractor = model.feature_extractor_
     if extractor is not None:
@@ -334,6 +364,13 @@ def _check(config, arrays, path):
         _require(config["extractor"], ("params", "layers", "resize_shape"), "extractor", path)
         _require(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
         _refuse_unknown(config["extractor"]["params"], _EXTRACTOR_PARAMS, "extractor params", path)
+    if config.get("extractor_param") is not None:  # (absent from files of older releases)
+        _require(config["extractor_param"], _EXTRACTOR_PARAMS, "extractor_param", path)
+        _refuse_unknown(config["extractor_param"], _EXTRACTOR_PARAMS, "extractor_param", path)
+        try:
+            TorchvisionExtractor(**_extractor_params(config["extractor_param"]))._validate_params()
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{str(path)!r}: invalid extractor_param: {exc}") from exc
     if (config.get("tiled") is not None) != (version >= 3):
         raise ModelFileError(
             f"{str(path)!r}: format version {version} "
@@ -369,7 +406,7 @@ def _check(config, arrays, path):
             raise ModelFileError(f"{str(path)!r}: {key} holds NaN or infinite values.")
     # Ledoit-Wolf coefficients lie in [0, 1]; a fixed shrinkage records NaN.
     coefficients = arrays["shrinkage"]
-    if config["detector"]["shrinkage"] == "ledoit-wolf" and coefficients.size and not (
+    if _fitted_shrinkage(config) == "ledoit-wolf" and coefficients.size and not (
             coefficients.min() >= 0 and coefficients.max() <= 1):  # (False for NaN)
         raise ModelFileError(f"{str(path)!r}: shrinkage holds Ledoit-Wolf coefficients outside [0, 1].")
     idx = arrays["channel_indices"]
@@ -405,6 +442,11 @@ def _check_detector_values(params, path, name="detector"):
         raise ModelFileError(f"{str(path)!r}: invalid {name} parameter: {exc}") from exc
 
 
+def _fitted_shrinkage(config):
+    """The shrinkage the Gaussian was fitted with (files of older releases: the parameter's)."""
+    return config["fitted"].get("gaussian_shrinkage", config["detector"]["shrinkage"])
+
+
 def _check_fitted_values(fitted, path):
     """The fitted scalars: of the types and ranges a fit gives them, so that a
     hand-edited file fails here and not while scoring."""
@@ -420,6 +462,10 @@ def _check_fitted_values(fitted, path):
         "aspect_range": pair(fitted["aspect_range"], lambda v: _is_number(v) and v > 0),
         "fitted_on_embeddings": isinstance(fitted["fitted_on_embeddings"], bool),
         "gaussian_dtype": fitted["gaussian_dtype"] in ("float32", "float64"),
+        # Recorded by newer releases only.
+        "gaussian_shrinkage": fitted.get("gaussian_shrinkage", "ledoit-wolf") == "ledoit-wolf"
+        or (_is_number(fitted["gaussian_shrinkage"]) and 0 <= fitted["gaussian_shrinkage"] <= 1),
+        "gaussian_compact": isinstance(fitted.get("gaussian_compact", False), bool),
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
@@ -493,7 +539,10 @@ def _rebuild_extractor(description, arrays, path):
     weights = params.pop("weights")
     # The size as resolved at fit ("auto" depends on the training images).
     resolved = {"layers": tuple(description["layers"]), "image_size": tuple(description["resize_shape"])}
-    extractor = TorchvisionExtractor(weights=None, **{**params, **resolved}).fit()
+    # fit() initialises the architecture at random before the stored weights
+    # replace it: on a copy of torch's random state, which load leaves as it was.
+    with torch.random.fork_rng(devices=[]):
+        extractor = TorchvisionExtractor(weights=None, **{**params, **resolved}).fit()
     state = {
         k[len("backbone/"):]: torch.from_numpy(v)
         for k, v in arrays.items()
@@ -543,9 +592,14 @@ def load(path):
             det.set_params(feature_extractor=clone(det.feature_extractor_))
     else:
         det.feature_extractor_ = None
+    if "extractor_param" in config:  # the parameter as it was, where the file records it
+        param = config["extractor_param"]
+        det.set_params(feature_extractor=None if param is None
+                       else TorchvisionExtractor(**_extractor_params(param)))  # fmt: skip
     gaussian = PatchCovariance(
-        shrinkage=params["shrinkage"], device=params["device"],
-        dtype=fitted["gaussian_dtype"], store_covariance=False, compact=params["compact"],
+        shrinkage=_fitted_shrinkage(config), device=params["device"],
+        dtype=fitted["gaussian_dtype"], store_covariance=False,
+        compact=fitted.get("gaussian_compact", params["compact"]),
     )
     gaussian.location_ = np.ascontiguousarray(arrays["location"])
     if "cholesky_lower" in arrays:

@@ -342,6 +342,87 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
         save(tiled, tmp_path / "x.npz")
 
 
+class _FlippedExtractor(TorchvisionExtractor):
+    """A subclass whose transform differs: a file could not hold that code."""
+
+    def transform(self, X):
+        emb = super().transform(X)
+        return PatchEmbeddings(-np.asarray(emb), image_shapes=emb.image_shapes,
+                               resize_shape=emb.resize_shape, crop_box=emb.crop_box)
+
+
+class _HalvedDetector(PatchGaussianDetector):
+    def score_samples(self, X):
+        return super().score_samples(X) / 2
+
+
+def test_save_refuses_subclasses_it_would_rebuild_as_their_base(tmp_path):
+    # They came back as the base class and scored otherwise, without a word.
+    from conftest import textured_images
+
+    X = textured_images(5, size=32)
+    ext = dict(backbone="resnet18", weights=None, image_size=32)
+    for det in (PatchGaussianDetector(_FlippedExtractor(**ext), n_features=4).fit(X),
+                _HalvedDetector(TorchvisionExtractor(**ext), n_features=4).fit(X),
+                TiledDetector(_HalvedDetector(TorchvisionExtractor(**ext), n_features=4),
+                              short_side=32, window=(32, 32)).fit(X)):
+        with pytest.raises(TypeError, match="is a subclass.*joblib"):
+            save(det, tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_parameters_set_after_fit_neither_change_nor_break_the_file(tmp_path):
+    from conftest import textured_images
+
+    X = textured_images(5, size=32)
+    det = PatchGaussianDetector(TorchvisionExtractor("resnet18", weights=None, image_size=32),
+                                n_features=6, shrinkage=0.01, random_state=0).fit(X)
+    expected = det.score_samples(X)
+    # Set after fit: they change neither the fitted model nor its scores in memory.
+    det.set_params(compact=True, shrinkage="ledoit-wolf", feature_extractor__batch_size=4)
+    np.testing.assert_array_equal(det.score_samples(X), expected)
+    loaded = load(save(det, tmp_path / "m.npz"))  # was unloadable (shrinkage), or rounded (compact)
+    np.testing.assert_array_equal(loaded.score_samples(X), expected)
+    assert loaded.gaussian_.shrinkage == 0.01 and loaded.gaussian_.compact is False
+    assert repr(loaded.get_params()) == repr(det.get_params())  # (extractors compare by identity)
+    assert loaded.get_params()["feature_extractor__batch_size"] == 4
+
+
+def test_extractor_parameter_of_a_detector_fitted_on_embeddings_is_kept(tmp_path):
+    ext = TorchvisionExtractor("resnet18", weights=None, image_size=32)
+    emb = PatchEmbeddings(np.random.RandomState(0).rand(12, 6, 3, 3).astype(np.float32))
+    det = PatchGaussianDetector(ext, n_features=4, random_state=0).fit(emb)
+    loaded = load(save(det, tmp_path / "e.npz"))
+    assert repr(loaded.get_params()["feature_extractor"]) == repr(ext)  # was None
+    np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
+
+
+def test_files_without_the_fitted_settings_load_as_before(fitted_emb, tmp_path):
+    # Files of earlier releases lack these entries: the parameters stand in for them.
+    det, emb = fitted_emb
+    path = save(det, tmp_path / "old.npz")
+
+    def strip(arrays, config):
+        del config["fitted"]["gaussian_shrinkage"], config["fitted"]["gaussian_compact"]
+        del config["extractor_param"]
+
+    _rewrite(path, strip, redigest=True)
+    loaded = load(path)
+    np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
+    assert loaded.gaussian_.shrinkage == det.shrinkage and loaded.feature_extractor is None
+
+
+def test_load_leaves_torch_random_state_alone(fitted_lite, tmp_path):
+    import torch
+
+    path = save(fitted_lite[0], tmp_path / "m.npz")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load(path)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_torchvision_weights_enum_is_saved_by_its_name(monkeypatch, tmp_path):
     # save refused weights=ResNet18_Weights.IMAGENET1K_V1 and sent the user to pickle.
     import torch
