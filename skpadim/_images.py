@@ -299,7 +299,12 @@ def count_images(X):
     try:
         return len(X)
     except TypeError:
-        return None
+        pass
+    if not hasattr(X, "__iter__"):  # None, a number: not images at all
+        raise TypeError(
+            f"X: expected images as an array, a tensor or a list of images, got {type(X).__name__}."
+        )
+    return None
 
 
 # A batch_size counts images of this many pixels (224 x 224, the paper's

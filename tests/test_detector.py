@@ -267,6 +267,9 @@ def test_shape_and_input_errors(tiny_extractor, normal_images):
             det.fit(normal_images[:n])
     with pytest.raises(TypeError, match="one-shot iterator"):
         det.fit(iter(list(normal_images)))
+    for not_images in (None, 5):  # were blamed as one-shot iterators
+        with pytest.raises(TypeError, match=f"expected images .*, got {type(not_images).__name__}"):
+            det.fit(not_images)
     with pytest.raises(ValueError, match="n_features=30 is larger than the 20 channels"):
         PatchGaussianDetector(tiny_extractor, n_features=30).fit(normal_images)
     with pytest.raises(ValueError, match="n_features"):

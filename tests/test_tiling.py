@@ -210,6 +210,8 @@ def test_bad_input_is_refused_clearly(tiny_extractor, normal_images):
         _tiled(tiny_extractor).fit(normal_images[:3], y=[0, 0, 1])
     with pytest.raises(TypeError, match="one-shot iterator"):
         _tiled(tiny_extractor).fit(iter(normal_images))
+    with pytest.raises(TypeError, match="expected images .*, got NoneType"):
+        _tiled(tiny_extractor).fit(None)
     embeddings = PatchEmbeddings(np.random.RandomState(0).rand(6, 4, 3, 3))
     with pytest.raises(TypeError, match="takes images, not PatchEmbeddings"):
         _tiled(tiny_extractor).fit(embeddings)
