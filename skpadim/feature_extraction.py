@@ -148,6 +148,10 @@ class PatchEmbeddings(np.ndarray):
             raise ValueError(
                 f"PatchEmbeddings: expected shape (n_images, n_channels, h, w), got {obj.shape}."
             )
+        # Checked here, once: later steps (pooling, which casts to float first)
+        # would otherwise accept booleans or fail on objects with torch's message.
+        if obj.dtype == bool or not np.issubdtype(obj.dtype, np.number) or np.iscomplexobj(obj):
+            raise TypeError(f"PatchEmbeddings: embeddings must be real numbers, got dtype {obj.dtype}.")
         grid = tuple(int(s) for s in obj.shape[2:])
         obj.resize_shape = grid if resize_shape is None else tuple(int(s) for s in resize_shape)
         obj.crop_box = None if crop_box is None else tuple(int(s) for s in crop_box)

@@ -13,7 +13,7 @@ from sklearn.base import clone
 from sklearn.utils._param_validation import InvalidParameterError
 
 from conftest import textured_images
-from skpadim import PatchCovariance, PatchGaussianDetector, TorchvisionExtractor
+from skpadim import PatchCovariance, PatchEmbeddings, PatchGaussianDetector, TorchvisionExtractor
 from skpadim._images import iter_image_batches
 
 
@@ -341,6 +341,20 @@ def test_embed_takes_float_tensors_and_names_others(tiny_extractor):
     for bad in ((image * 255).to(torch.uint8), image[0], np.zeros((3, 32, 32), np.float32)):
         with pytest.raises(ValueError, match=r"images\[1\]: embed takes float tensors \(3, H, W\)"):
             ext.embed([image, bad])
+
+
+@pytest.mark.parametrize("pooling", [1, 3])
+def test_embeddings_of_non_real_dtypes_are_refused_when_made(pooling):
+    # Refused at construction, whatever step would read them next: the
+    # detector's pooling cast booleans to float and accepted them; objects met
+    # torch's own message.
+    for data in (np.ones((4, 2, 2, 2), dtype=bool), np.full((4, 2, 2, 2), "a", dtype=object),
+                 np.ones((4, 2, 2, 2), dtype=complex)):
+        with pytest.raises(TypeError, match=f"PatchEmbeddings: .*real numbers, got dtype {data.dtype}"):
+            PatchGaussianDetector(pooling=pooling).fit(PatchEmbeddings(data))
+    # Integers are real numbers.
+    ints = np.random.RandomState(0).randint(0, 9, size=(6, 2, 3, 3))
+    PatchGaussianDetector(n_features=None, pooling=pooling).fit(PatchEmbeddings(ints))
 
 
 def test_too_few_images_for_a_tiny_fixed_shrinkage(tiny_extractor, normal_images):
