@@ -941,6 +941,16 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             if check_aspect:
                 self._check_aspect(emb, start)
             dist = self.gaussian_._mahalanobis_tensor(self._select(emb, take, subsets))
+            if check_aspect and tuple(emb.input_shape) != tuple(self.input_shape_):
+                # The training grid and channels (checked above) from another
+                # frame: its maps would be blurred and scored on a scale the
+                # threshold was not set on. (Bare training embeddings have no
+                # frame to hold others to, as they have no proportions.)
+                raise ValueError(
+                    f"X: embeddings of images preprocessed to {tuple(emb.input_shape)}, but the "
+                    f"detector was fitted on {tuple(self.input_shape_)}; embed them as the "
+                    "training images were."
+                )
             if in_fit is not None:
                 dist = _leave_one_out_distances(
                     dist, torch.from_numpy(in_fit[start : start + len(emb)]), counts, shrinkage)

@@ -1031,6 +1031,20 @@ def test_leave_one_out_distances_stay_on_the_distances_device():
         assert out.device.type == "meta" and out.shape == dist.shape
 
 
+def test_embeddings_of_another_frame_are_refused(tiny_extractor, normal_images):
+    # Same grid and channels, another preprocessed frame: the maps would be
+    # blurred and scored on a scale the threshold was not set on.
+    ext = clone(tiny_extractor).fit(normal_images)
+    emb = ext.transform(normal_images)
+    det = PatchGaussianDetector(n_features=8, random_state=0).fit(emb)
+    assert det.score_samples(emb[:2]).shape == (2,)
+    other = PatchEmbeddings(np.asarray(emb[:2]), image_shapes=emb.image_shapes[:2],
+                            resize_shape=(4 * emb.resize_shape[0], 4 * emb.resize_shape[1]))
+    with pytest.raises(ValueError, match=r"preprocessed to \(128, 128\), but the detector was fitted on "
+                                         r"\(32, 32\)"):
+        det.score_samples(other)
+
+
 def test_embeddings_without_image_shapes_are_not_held_to_proportions(tiny_extractor, normal_images):
     # Fitted on bare embeddings (their frame is their grid), the detector has no
     # proportions to hold real images' embeddings to, and scores them.
