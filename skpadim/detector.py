@@ -617,6 +617,14 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             extractor is None and isinstance(X, np.ndarray) and X.ndim == 4
         ):
             if not isinstance(X, PatchEmbeddings) and hasattr(self, "input_shape_"):
+                if X.shape[1] != self.n_features_in_ and X.shape[-1] in (1, 3):
+                    # Channels-last images, not (n, C, h, w) embeddings: say so,
+                    # rather than count their rows as channels.
+                    raise ValueError(
+                        f"X: this detector was fitted on patch embeddings ({self.n_features_in_} "
+                        f"channels), so it can only score embeddings, not images; a plain array "
+                        f"of shape {X.shape} reads as {X.shape[1]} channels."
+                    )
                 # A plain array (np.concatenate of PatchEmbeddings gives one) is
                 # read on the frame of the training embeddings, so that its maps,
                 # blur and scores are those the threshold was set on.

@@ -1043,6 +1043,10 @@ def test_embeddings_of_another_frame_are_refused(tiny_extractor, normal_images):
     with pytest.raises(ValueError, match=r"preprocessed to \(128, 128\), but the detector was fitted on "
                                          r"\(32, 32\)"):
         det.score_samples(other)
+    # Images as one numpy array were read as embeddings, their rows as channels.
+    with pytest.raises(ValueError, match=r"fitted on patch embeddings \(20 channels\), so it can only "
+                                         r"score embeddings, not images"):
+        det.score_samples(normal_images[:2])
 
 
 def test_embeddings_without_image_shapes_are_not_held_to_proportions(tiny_extractor, normal_images):
