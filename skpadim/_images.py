@@ -149,11 +149,25 @@ def _to_unit_float(t, where):
 
 def _batch_array_to_tensors(X, start):
     """A whole numpy batch (n, H, W[, C]) -> float tensor (n, 3, H, W)."""
+    _check_pixel_batch_layout(X)
     if X.ndim == 4 and X.shape[-1] == 1:
         X = X[..., 0]
     if X.ndim == 3:
         X = np.repeat(X[..., None], 3, axis=-1)
-    if X.ndim != 4 or X.shape[-1] != 3:
+    where = f"X[{start}:{start + len(X)}]"
+    if X.shape[1] == 0 or X.shape[2] == 0:
+        raise ValueError(f"X: images of shape {X.shape[1:3]} have no pixels.")
+    X = _as_torch_compatible(X, where)
+    # Read-only input (a memory map, a frozen array) is copied: torch cannot
+    # wrap it without a warning, and it is never written to.
+    X = np.ascontiguousarray(X) if X.flags.writeable else np.array(X)
+    return _to_unit_float(torch.from_numpy(X), where).permute(0, 3, 1, 2)
+
+
+def _check_pixel_batch_layout(X):
+    """A numpy batch must be (n, H, W), (n, H, W, 1) or (n, H, W, 3); else a
+    ValueError with a hint at what it likely is."""
+    if not (X.ndim == 3 or (X.ndim == 4 and X.shape[-1] in (1, 3))):
         hint = ""
         if X.ndim == 4 and X.shape[1] in (1, 3):
             hint = (" Numpy images are channels-last: transpose to (n, H, W, 3), or pass a "
@@ -168,14 +182,6 @@ def _batch_array_to_tensors(X, start):
             "X: expected a numpy array of shape (n, H, W), (n, H, W, 1) or (n, H, W, 3), "
             f"got shape {X.shape}.{hint}"
         )
-    where = f"X[{start}:{start + len(X)}]"
-    if X.shape[1] == 0 or X.shape[2] == 0:
-        raise ValueError(f"X: images of shape {X.shape[1:3]} have no pixels.")
-    X = _as_torch_compatible(X, where)
-    # Read-only input (a memory map, a frozen array) is copied: torch cannot
-    # wrap it without a warning, and it is never written to.
-    X = np.ascontiguousarray(X) if X.flags.writeable else np.array(X)
-    return _to_unit_float(torch.from_numpy(X), where).permute(0, 3, 1, 2)
 
 
 def _batch_tensor_to_tensors(X, start):
@@ -217,6 +223,25 @@ def _item_to_tensor(item, index):
         f"{where}: unsupported image of type {type(item).__name__}; expected a file "
         "path, a numpy array, a torch tensor or a PIL image."
     )
+
+
+class ImageSubset(list):
+    """Some of the images of a sequence X, with their ``positions`` in it.
+
+    A fit that keeps only some images (those labelled normal, the halves of a
+    trimmed fit) validates them in this form, so that an error names the image
+    by its index in the caller's X, not in the subset.
+    """
+
+    def __init__(self, images, positions):
+        super().__init__(images)
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+
+def _position(X, i):
+    """The index in the caller's X of the image at ``i`` in X."""
+    positions = getattr(X, "positions", None)
+    return i if positions is None else int(positions[i])
 
 
 class ValidatedImages(list):
@@ -285,7 +310,7 @@ def image_shapes(X):
     elif isinstance(X, torch.Tensor) and X.ndim == 4:
         shapes = [tuple(X.shape[2:])] * len(X)
     else:
-        shapes = [_shape_of(item, i) for i, item in enumerate(X)]
+        shapes = [_shape_of(item, _position(X, i)) for i, item in enumerate(X)]
     if not shapes:
         raise ValueError("X: got 0 images; at least one is required.")
     return shapes
@@ -367,5 +392,5 @@ def iter_image_batches(X, batch_size):
         chunk = list(itertools.islice(iterator, batch_size))
         if not chunk:
             return
-        yield [_item_to_tensor(item, index + i) for i, item in enumerate(chunk)]
+        yield [_item_to_tensor(item, _position(X, index + i)) for i, item in enumerate(chunk)]
         index += len(chunk)
