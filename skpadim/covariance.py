@@ -319,10 +319,15 @@ class _Moments:
         if first:
             # The reference: in the working precision, unless the input has more,
             # so that its samples are shifted exactly (a constant position then
-            # gives exactly zero).
-            dtype = torch.promote_types(X.dtype, work) if X.is_floating_point() else work
+            # gives exactly zero). Integers are shifted in float64, which holds
+            # them exactly where float32 would round those past 2**24.
+            dtype = torch.promote_types(X.dtype, work) if X.is_floating_point() else torch.float64
             self.ref = torch.empty((p, c), dtype=dtype, device=device)
         ref = self.ref
+        if mask is None and self.counts is not None and bool((self.counts == 0).any()):
+            # Positions that an earlier mask left without a kept sample still
+            # need their reference moved to their first samples: keep all.
+            mask = torch.ones((n, p), dtype=torch.bool)
         if mask is not None:
             if self.counts is None:
                 self.counts = torch.full((p,), float(self.n), dtype=torch.float64, device=device)
@@ -394,7 +399,9 @@ class _Moments:
                         # would send the product below to one call per position.
                         sq = torch.linalg.vecdot(Y, Y).T.contiguous()
                         self.t[start:stop] += torch.bmm(sq[:, None, :], Yp)[:, 0]
-                        self.q[start:stop] += sq.square().sum(dim=1)
+                        # (|y|^4 in float64: in float32 it overflows or underflows
+                        # for embeddings far from unit scale.)
+                        self.q[start:stop] += sq.to(torch.float64).square().sum(dim=1)
         self.n += n
 
     def mean_variance(self):
@@ -508,8 +515,15 @@ def _norm_and_form(S, d, rows):
         # (vector_norm is fastest on whole matrices but slow on strided blocks.)
         norm2 = torch.linalg.vector_norm(V, dim=(1, 2)) ** 2 if V.is_contiguous() \
             else V.square().sum(dim=(1, 2))
+        norm2 = norm2.to(torch.float64)
+        # Squares of float32 entries overflow past 1.8e19 and underflow below
+        # 1e-19: such matrices (embeddings far from unit scale) are redone in
+        # float64, which costs the usual ones nothing.
+        redo = ~torch.isfinite(norm2) | (norm2 < _TINY_NORM2)
+        if V.dtype != torch.float64 and bool(redo.any()):
+            norm2[redo] = V[redo].to(torch.float64).square().sum(dim=(1, 2))
         form = torch.bmm(e[:, None, :], V)[:, 0].mul_(f).sum(dim=1)
-        return norm2.to(torch.float64), form.to(torch.float64)
+        return norm2, form.to(torch.float64)
 
     if rows >= c:
         return norm2_form(S, d, d)
@@ -523,6 +537,11 @@ def _norm_and_form(S, d, rows):
         norm2 = norm2 + 2 * n_all - n_diag
         form = form + 2 * f_all - f_diag
     return norm2, form
+
+
+# Below this, a squared Frobenius norm summed in float32 may have lost its small
+# squares to underflow (float32's smallest normal number is 1.2e-38).
+_TINY_NORM2 = 1e-30
 
 
 def _mirror_lower_blocks_(S, rows):
@@ -581,9 +600,14 @@ def ledoit_wolf_shrinkage_from_moments(n, m2, q):
         )
     if not (bool(torch.isfinite(m2).all()) and bool(torch.isfinite(q).all())):
         raise ValueError("m2 and q must be finite; they contain NaN or infinity.")
+    if bool((q < 0).any()):
+        raise ValueError("q must be non-negative: it is a sum of fourth powers of norms.")
+    # In float64, as documented: squares of float32 (or float16) entries would
+    # overflow or underflow in their own precision.
+    m2, q = m2.to(torch.float64), q.to(torch.float64)
     n_features = m2.shape[-1]
     tr = _trace(m2)
-    fro2 = torch.linalg.vector_norm(m2, dim=(1, 2)).to(torch.float64).square()
+    fro2 = torch.linalg.vector_norm(m2, dim=(1, 2)).square()
     return _ledoit_wolf_shrinkage(n, n_features, tr, fro2, q)
 
 
@@ -990,8 +1014,11 @@ class PatchCovariance(BaseEstimator):
                 raise TypeError(f"X: embeddings must be real numbers, got dtype {X.dtype}.")
         else:
             X = np.asarray(X)
-            if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+            # (Kinds, not np.number: timedelta64 is a numpy integer.)
+            if X.dtype.kind not in "iuf":
                 raise TypeError(f"X: embeddings must be real numbers, got dtype {X.dtype}.")
+            if X.dtype.kind == "f" and X.dtype.itemsize > 8:  # long double, which torch lacks
+                X = X.astype(np.float64)
             X = torch.from_numpy(np.ascontiguousarray(X))
         if X.ndim != 4:
             raise ValueError(
@@ -1011,6 +1038,12 @@ class PatchCovariance(BaseEstimator):
             lo, hi = torch.aminmax(X)
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError("X: embeddings contain NaN or infinite values.")
+            largest = max(abs(float(lo)), abs(float(hi)))
+            if self.dtype == "float32" and largest > torch.finfo(torch.float32).max:
+                raise ValueError(
+                    f"X: embeddings reach {largest:.3g}, beyond float32's range; use "
+                    "dtype='float64'."
+                )
         if not reset:
             expected = (self.n_features_in_, *self.grid_shape_)
             if tuple(X.shape[1:]) != expected:
@@ -1273,6 +1306,7 @@ class PatchCovariance(BaseEstimator):
         elif hasattr(self, "covariance_"):
             del self.covariance_
         self.shrinkage_ = shrink.numpy()
+        self._compacted_at_fit = bool(self.compact)
         self.grid_shape_ = (int(shape[2]), int(shape[3]))
         self.n_features_in_ = int(c)
         self.n_samples_seen_ = int(moments.n)
@@ -1328,7 +1362,8 @@ class PatchCovariance(BaseEstimator):
         Returns
         -------
         distances : ndarray of shape (n_images, h, w)
-            Non-negative float32 distances; larger means more anomalous.
+            Non-negative distances, in float32 (float64 with ``dtype="float64"``);
+            larger means more anomalous.
         """
         return self._mahalanobis_tensor(X).cpu().numpy()
 
@@ -1465,13 +1500,21 @@ class PatchCovariance(BaseEstimator):
         moments = state.get("_moments")
         if moments is not None:
             state["_moments"] = moments.cpu()
-        if self.compact and "cholesky_" in state:
+        if self._fitted_compact() and "cholesky_" in state:
             # Only the lower triangle, in float16: what compact promises on disk.
-            state["cholesky_"] = (_pack_lower_float16(state["cholesky_"]), state["cholesky_"].shape[-1])
+            # (As fitted: compact set afterwards would round float32 factors.)
+            factors = state["cholesky_"]
+            state["cholesky_"] = (_pack_lower_float16(factors), factors.shape[-1], str(factors.dtype))
         return state
 
     def __setstate__(self, state):
         packed = state.get("cholesky_")
         if isinstance(packed, tuple):
-            state["cholesky_"] = _unpack_lower(*packed, state.get("dtype", "float32"))
+            # Pickles of older releases hold no dtype: the parameter's, as it then was.
+            dtype = packed[2] if len(packed) > 2 else state.get("dtype", "float32")
+            state["cholesky_"] = _unpack_lower(packed[0], packed[1], dtype)
         self.__dict__.update(state)
+
+    def _fitted_compact(self):
+        """Whether the factors were rounded to float16 at fit (older models: the parameter)."""
+        return self.__dict__.get("_compacted_at_fit", self.compact)

@@ -150,7 +150,7 @@ class PatchEmbeddings(np.ndarray):
             )
         # Checked here, once: later steps (pooling, which casts to float first)
         # would otherwise accept booleans or fail on objects with torch's message.
-        if obj.dtype == bool or not np.issubdtype(obj.dtype, np.number) or np.iscomplexobj(obj):
+        if obj.dtype.kind not in "iuf":  # (not np.number: timedelta64 is a numpy integer)
             raise TypeError(f"PatchEmbeddings: embeddings must be real numbers, got dtype {obj.dtype}.")
         grid = tuple(int(s) for s in obj.shape[2:])
         obj.resize_shape = grid if resize_shape is None else tuple(int(s) for s in resize_shape)

@@ -263,7 +263,7 @@ def _contents(model):
     }
     # What the fit did, which parameters set after it (compact, shrinkage) do not change.
     gaussian = model.gaussian_
-    compact = bool(gaussian.compact)
+    compact = bool(gaussian._fitted_compact())
     if compact:
         # The factors are float16 values already (compact rounds them at fit):
         # their lower triangles in float16 hold them exactly, in a quarter of the space.

@@ -99,6 +99,19 @@ def test_shrinkage_from_moments_matches_sklearn_function():
         assert ours == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e16), (torch.float16, 25.0)])
+def test_shrinkage_from_moments_is_computed_in_float64(dtype, scale):
+    # Finite m2 whose squares overflow in its own precision gave 0.
+    x = np.random.RandomState(10).randn(10, 12) * scale
+    y = x - x.mean(axis=0)
+    m2 = torch.tensor((y.T @ y)[None], dtype=dtype)
+    assert torch.isfinite(m2).all()
+    s = ledoit_wolf_shrinkage_from_moments(10, m2, torch.tensor([((y**2).sum(1) ** 2).sum()]))
+    np.testing.assert_allclose(float(s[0]), ledoit_wolf_shrinkage(x), rtol=1e-3)
+    with pytest.raises(ValueError, match="q must be non-negative"):
+        ledoit_wolf_shrinkage_from_moments(10, m2, torch.tensor([-1.0]))
+
+
 def test_shrinkage_from_moments_takes_arrays_and_names_bad_input():
     rng = np.random.RandomState(4)
     x = rng.randn(12, 3) * rng.rand(3)  # unequal scales: a shrinkage strictly inside (0, 1)
@@ -697,6 +710,69 @@ def test_patch_mask_reference_ignores_left_out_outliers(monkeypatch, blocks, dty
         np.testing.assert_allclose(est.covariance_[p], covariance, rtol=0, atol=tol * scale)
         L = est.cholesky_[p].astype(np.float64)
         np.testing.assert_allclose(L @ L.T, covariance, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_unmasked_batch_after_a_mask_that_kept_nothing_moves_the_reference(dtype):
+    # A first batch whose mask leaves a position without any kept patch, then a
+    # batch without a mask: that position's reference stayed at the left-out
+    # outliers (float32: not positive definite; float64: shrinkage 0).
+    rng = np.random.RandomState(0)
+    first = 0.01 * rng.randn(4, 3, 1, 2)
+    first[:, :, 0, 0] += 1e4
+    mask = np.ones((4, 1, 2), dtype=bool)
+    mask[:, 0, 0] = False
+    second = 0.01 * _embeddings(n=30, c=3, h=1, w=2, seed=1)
+    est = PatchCovariance(dtype=dtype).partial_fit(first.astype(dtype), patch_mask=mask)
+    est.partial_fit(second.astype(dtype))
+    ref = LedoitWolf().fit(second[:, :, 0, 0])
+    np.testing.assert_allclose(est.covariance_[0], ref.covariance_, rtol=1e-4 if dtype == "float32" else 1e-9)
+    np.testing.assert_allclose(est.shrinkage_[0], ref.shrinkage_, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e9, 1e-12])
+def test_ledoit_wolf_far_from_unit_scale_in_float32(scale):
+    # Fourth powers and squared norms overflowed (1e9) or underflowed (1e-12) in
+    # float32: shrinkage 0 where scikit-learn gives about 0.9, covariances 38% off.
+    X = _embeddings(n=40, c=8, h=1, w=2, seed=3) * scale
+    est = PatchCovariance(dtype="float32").fit(X.astype(np.float32))
+    for p, samples in enumerate(_per_position(X.astype(np.float32))):
+        ref = LedoitWolf().fit(samples)
+        np.testing.assert_allclose(est.shrinkage_[p], ref.shrinkage_, rtol=1e-4)
+        np.testing.assert_allclose(est.covariance_[p], ref.covariance_, rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref.covariance_).max())
+
+
+def test_integer_embeddings_are_shifted_exactly():
+    # Integers past 2**24 were rounded to float32 before the shift (5% off).
+    X = 30_000_000 + np.random.RandomState(0).randint(0, 20, size=(50, 3, 1, 1))
+    est = PatchCovariance().fit(X.astype(np.int64))
+    ref = LedoitWolf().fit(X[:, :, 0, 0].astype(np.float64))
+    np.testing.assert_allclose(est.covariance_[0], ref.covariance_, rtol=1e-5)
+
+
+def test_embeddings_beyond_float32_range_are_named():
+    X = _embeddings()
+    est = PatchCovariance().fit(X)
+    for call in (est.fit, est.mahalanobis):
+        with pytest.raises(ValueError, match="beyond float32's range; use dtype='float64'"):
+            call(X * 1e39)
+    assert np.isfinite(PatchCovariance(dtype="float64").fit(X * 1e39).mahalanobis(X[:2] * 1e39)).all()
+    with pytest.raises(TypeError, match="real numbers, got dtype timedelta64"):
+        est.mahalanobis(X.astype(int).astype("timedelta64[s]"))
+
+
+def test_pickle_keeps_the_fitted_precision_whatever_compact_says_now():
+    # compact set after fit rounded float32 factors to float16 in the pickle
+    # (inf past float16's range); compact fitted then dtype changed gave float64.
+    X = _embeddings() * 1e6
+    est = PatchCovariance().fit(X)
+    expected = est.mahalanobis(X[:3])
+    est.set_params(compact=True)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(est)).mahalanobis(X[:3]), expected)
+    compact = PatchCovariance(compact=True).fit(_embeddings())
+    compact.set_params(dtype="float64")
+    assert pickle.loads(pickle.dumps(compact)).cholesky_.dtype == np.float32
 
 
 def _variance_floor(X, mask=None):

@@ -349,7 +349,7 @@ def test_embeddings_of_non_real_dtypes_are_refused_when_made(pooling):
     # detector's pooling cast booleans to float and accepted them; objects met
     # torch's own message.
     for data in (np.ones((4, 2, 2, 2), dtype=bool), np.full((4, 2, 2, 2), "a", dtype=object),
-                 np.ones((4, 2, 2, 2), dtype=complex)):
+                 np.ones((4, 2, 2, 2), dtype=complex), np.ones((4, 2, 2, 2), dtype="timedelta64[s]")):
         with pytest.raises(TypeError, match=f"PatchEmbeddings: .*real numbers, got dtype {data.dtype}"):
             PatchGaussianDetector(pooling=pooling).fit(PatchEmbeddings(data))
     # Integers are real numbers.
