@@ -8,8 +8,10 @@ anomaly maps overlaid.
 """
 
 import argparse
+import io
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,7 +104,7 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     if out:
         gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
         grid = np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
-        Image.fromarray(grid).save(out)
+        _save_atomically(Image.fromarray(grid), out)
         n_defective, n_good = max(counts)
         upto = "" if len(counts) == 1 else "up to "
         print(f"wrote {out}: a row per texture ({', '.join(textures)}), {upto}{n_defective} "
@@ -127,6 +129,21 @@ def _int_in_range(minimum, maximum=None):
     return parse
 
 
+def _save_atomically(image, out):
+    """Write ``image`` to ``out`` through a temporary file beside it, so that a
+    failed write leaves whatever ``out`` held untouched."""
+    path = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.resolve().parent)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _check_out(out, parser):
     """Fail before any fitting if the figure could not be written."""
     if not out:
@@ -139,11 +156,18 @@ def _check_out(out, parser):
         parser.error(f"--out: the folder {str(folder)!r} does not exist.")
     if not os.access(folder, os.W_OK):
         parser.error(f"--out: cannot write in {str(folder)!r}.")
+    if path.exists() and not os.access(path, os.W_OK):
+        parser.error(f"--out: cannot overwrite {out!r}.")
     from PIL import Image
 
     Image.init()  # registers every format PIL can read; SAVE holds those it can write
-    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
         parser.error(f"--out {out!r}: not an image file name PIL can write; end it in .png or .jpg.")
+    try:  # some formats PIL writes take no colour image (XBM, Palm, ...)
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except Exception:
+        parser.error(f"--out {out!r}: PIL cannot write a colour image as {fmt}; end it in .png or .jpg.")
 
 
 def main(argv=None):

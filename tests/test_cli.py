@@ -34,6 +34,8 @@ def test_tiny_demo_writes_its_figure(tmp_path):
     (["--image-size", "600"], "--image-size: must be at most 512"),
     (["--out", "{tmp}/demo.psd"], "not an image file name"),  # PIL reads, cannot write it
     (["--seed", str(2**32 - 1)], "--seed: must be at most"),  # each texture takes seed + k
+    # PIL lists XBM as writable, but not for a colour image: it failed after fitting.
+    (["--out", "{tmp}/demo.xbm"], "cannot write a colour image as XBM"),
 ])
 def test_bad_arguments_fail_before_fitting(tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
@@ -42,3 +44,20 @@ def test_bad_arguments_fail_before_fitting(tmp_path, capsys, args, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_write_leaves_the_previous_figure_untouched(tmp_path, monkeypatch):
+    # The figure was written in place: a failure truncated the file it replaced.
+    out = tmp_path / "demo.png"
+    out.write_bytes(b"previous figure")
+
+    def fail(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_demo(("brick",), n_train=3, n_test=2, image_size=32, out=str(out), stream=io.StringIO())
+    assert out.read_bytes() == b"previous figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]
