@@ -114,7 +114,8 @@ class PatchEmbeddings(np.ndarray):
     data : array-like of shape (n_images, n_channels, h, w)
         The embeddings.
     image_shapes : array-like of shape (n_images, 2), default=None
-        Height and width of each original image. ``None`` means the grid itself.
+        Height and width of each original image. ``None`` means the
+        preprocessed frame (``resize_shape``, or the crop's size).
     resize_shape : tuple of int, default=None
         ``(H, W)`` every image was resized to before the backbone. ``None`` means
         the grid itself.
@@ -1009,8 +1010,9 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         ``"auto"`` keeps the proportions of the training images: at :meth:`fit`,
         224 pixels across the shorter side and the median height/width of the
         training images along the longer one (rounded to multiples of 32, at
-        most 896; see :func:`auto_image_size`), so that elongated parts are not
-        squashed; square images get 224 x 224, as in the paper. Without images
+        most 896; see :func:`~skpadim.feature_extraction.auto_image_size`), so
+        that elongated parts are not squashed; square images get 224 x 224, as
+        in the paper. Without images
         at fit, ``"auto"`` means 224 x 224.
     crop_size : int, tuple of int or None, default=None
         Centre crop taken after resizing (the paper resizes to 256, crops 224).

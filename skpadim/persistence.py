@@ -39,8 +39,8 @@ __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 # 2: compact models store their factors' lower triangles in float16
 # ("cholesky_lower"). 3: a TiledDetector, its detector as before plus a "tiled"
 # section. Other models are still written as version 1, which every release reads.
-#: Newest version of the file layout: :func:`save` writes the oldest one that can
-#: hold the model, :func:`load` refuses newer ones.
+#: Newest version of the file layout: :func:`~skpadim.save` writes the oldest one
+#: that can hold the model, :func:`~skpadim.load` refuses newer ones.
 FORMAT_VERSION = 3
 _MAGIC = "skpadim-detector"
 
