@@ -184,12 +184,16 @@ def _check_pixel_batch_layout(X):
         )
 
 
-def _batch_tensor_to_tensors(X, start):
+def _check_tensor_batch_layout(X):
     if X.ndim != 4 or X.shape[1] not in (1, 3):
         raise ValueError(
             "X: expected a torch tensor of shape (n, 3, H, W) or (n, 1, H, W), got "
             f"shape {tuple(X.shape)}."
         )
+
+
+def _batch_tensor_to_tensors(X, start):
+    _check_tensor_batch_layout(X)
     where = f"X[{start}:{start + len(X)}]"
     t = _to_unit_float(X.detach().cpu(), where)
     if t.shape[1] == 1:
@@ -306,8 +310,10 @@ def image_shapes(X):
     _check_not_a_path(X)
     if _is_pixel_batch(X):
         _check_batch_shape(X)
+        _check_pixel_batch_layout(X)  # (n, 3, H, W) would give (3, H) as (H, W)
         shapes = [tuple(X.shape[1:3])] * len(X)
-    elif isinstance(X, torch.Tensor) and X.ndim == 4:
+    elif isinstance(X, torch.Tensor):
+        _check_tensor_batch_layout(X)
         shapes = [tuple(X.shape[2:])] * len(X)
     else:
         shapes = [_shape_of(item, _position(X, i)) for i, item in enumerate(X)]

@@ -42,7 +42,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._device import check_device, resolve_device
-from ._images import count_images, image_shapes, images_per_batch, iter_image_batches
+from ._images import _to_unit_float, count_images, image_shapes, images_per_batch, iter_image_batches
 
 __all__ = ["PatchEmbeddings", "TorchvisionExtractor", "auto_image_size"]
 
@@ -144,6 +144,10 @@ class PatchEmbeddings(np.ndarray):
     """
 
     def __new__(cls, data, image_shapes=None, resize_shape=None, crop_box=None):
+        if isinstance(data, PatchEmbeddings) and data.image_shapes is not None:
+            # Wrapped again: its geometry stays unless given anew.
+            if image_shapes is None and resize_shape is None and crop_box is None:
+                image_shapes, resize_shape, crop_box = data.image_shapes, data.resize_shape, data.crop_box
         obj = np.asarray(data).view(cls)
         if obj.ndim != 4:
             raise ValueError(
@@ -154,22 +158,39 @@ class PatchEmbeddings(np.ndarray):
         if obj.dtype.kind not in "iuf":  # (not np.number: timedelta64 is a numpy integer)
             raise TypeError(f"PatchEmbeddings: embeddings must be real numbers, got dtype {obj.dtype}.")
         grid = tuple(int(s) for s in obj.shape[2:])
-        obj.resize_shape = grid if resize_shape is None else tuple(int(s) for s in resize_shape)
-        obj.crop_box = None if crop_box is None else tuple(int(s) for s in crop_box)
+        obj.resize_shape = grid if resize_shape is None else _sizes(resize_shape, 2, "resize_shape")
+        obj.crop_box = None if crop_box is None else _sizes(crop_box, 4, "crop_box", least=0)
+        if obj.crop_box is not None:
+            top, left, h, w = obj.crop_box
+            if min(h, w) < 1 or top + h > obj.resize_shape[0] or left + w > obj.resize_shape[1]:
+                raise ValueError(f"PatchEmbeddings: crop_box {obj.crop_box} does not lie within "
+                                 f"resize_shape {obj.resize_shape}.")
         if image_shapes is None:
             image_shapes = [obj.input_shape] * obj.shape[0]
-        obj.image_shapes = np.asarray(image_shapes, dtype=np.int64).reshape(-1, 2)
-        if len(obj.image_shapes) != obj.shape[0]:
+        # A copy, read-only: copies and slices of the embeddings share it.
+        shapes = np.array(image_shapes, dtype=np.float64)
+        if shapes.ndim != 2 or shapes.shape[1:] != (2,) or len(shapes) != obj.shape[0]:
             raise ValueError(
-                f"PatchEmbeddings: {len(obj.image_shapes)} image shapes for "
-                f"{obj.shape[0]} embeddings."
+                f"PatchEmbeddings: image_shapes must be ({obj.shape[0]}, 2), one (height, "
+                f"width) per embedding; got shape {shapes.shape}."
             )
+        if not (np.isfinite(shapes).all() and (shapes == np.round(shapes)).all() and (shapes >= 1).all()):
+            raise ValueError("PatchEmbeddings: image_shapes must hold positive integers.")
+        obj.image_shapes = shapes.astype(np.int64)
+        obj.image_shapes.setflags(write=False)
         return obj
 
     def __array_finalize__(self, obj):
         self.resize_shape = getattr(obj, "resize_shape", None)
         self.crop_box = getattr(obj, "crop_box", None)
         self.image_shapes = getattr(obj, "image_shapes", None)
+        if self.image_shapes is None and self.ndim == 4 and not isinstance(obj, PatchEmbeddings):
+            # A plain array viewed as embeddings (arr.view(PatchEmbeddings)): the
+            # geometry PatchEmbeddings(arr) would give it, the grid's.
+            grid = tuple(int(s) for s in self.shape[2:])
+            self.resize_shape = grid
+            self.image_shapes = np.array([grid] * self.shape[0], dtype=np.int64).reshape(-1, 2)
+            self.image_shapes.setflags(write=False)
 
     def __array_wrap__(self, array, context=None, return_scalar=False):
         # A ufunc's result inherits the input's image shapes (__array_finalize__);
@@ -314,7 +335,7 @@ class PatchEmbeddings(np.ndarray):
         embeddings : PatchEmbeddings
             The selected rows and their image shapes.
         """
-        return self[np.asarray(indices)]
+        return self[np.asarray(indices, dtype=np.intp)]
 
     def __reduce__(self):
         # ndarray pickles only the data; keep the geometry so that Pipeline
@@ -325,6 +346,19 @@ class PatchEmbeddings(np.ndarray):
     def __setstate__(self, state):
         base, self.image_shapes, self.resize_shape, self.crop_box = state
         super().__setstate__(base)
+
+
+def _sizes(values, count, name, least=1):
+    """``count`` integers >= ``least`` as a tuple, or a ValueError naming ``name``."""
+    try:
+        out = tuple(values)
+    except TypeError:
+        out = ()
+    ok = len(out) == count and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= least for v in out)
+    if not ok:
+        raise ValueError(f"PatchEmbeddings: {name} must be {count} integers >= {least}; got {values!r}.")
+    return tuple(int(v) for v in out)
 
 
 def _row_index(key):
@@ -648,7 +682,8 @@ def _valid_layers(model):
 
 
 def _natural_key(name):
-    return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
+    # Numbers before words at each place, so that "0" and "conv" compare.
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace(".", " . ").split()]
 
 
 def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
@@ -691,6 +726,8 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
                         ("max_long_side", max_long_side)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    if max_long_side < short_side:
+        raise ValueError(f"max_long_side ({max_long_side}) must be at least short_side ({short_side}).")
     return _auto_size_of_shapes(None if X is None else image_shapes(X), short_side, multiple,
                                 max_long_side)
 
@@ -1241,6 +1278,9 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         std = _check_channel_stats(self.std, _LITE_STD if lite else _IMAGENET_STD, "std")
         input_shape = resize if crop is None else crop
         key, model, layers, probe = self._traced_backbone(input_shape)
+        # What a pickle rebuilds the architecture from: the backbone as fitted,
+        # whatever set_params does to the parameter afterwards.
+        self._fitted_backbone = self.backbone
         self.model_ = model
         self.layers_ = layers
         self.mean_, self.std_ = mean, std
@@ -1248,6 +1288,12 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         if probe is None:
             with torch.no_grad():
                 feats = self._features(torch.zeros(1, 3, *input_shape), torch.device("cpu"))
+            for layer, f in zip(layers, feats):
+                if f.ndim != 4:
+                    raise ValueError(
+                        f"Layer {layer!r} outputs shape {tuple(f.shape)}, not a feature map "
+                        "(n, C, h, w): patch embeddings need convolutional layers."
+                    )
             probe = (
                 tuple(int(f.shape[1]) for f in feats), tuple(int(s) for s in feats[0].shape[2:])
             )
@@ -1296,6 +1342,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             Concatenated multi-layer features on the first layer's grid.
         """
         check_is_fitted(self, "model_")
+        if not len(images):
+            raise ValueError("images: got 0 images; at least one is required.")
         for i, img in enumerate(images):
             if not (isinstance(img, torch.Tensor) and img.is_floating_point() and img.ndim == 3
                     and img.shape[0] == 3):
@@ -1305,6 +1353,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
                     f"images[{i}]: embed takes float tensors (3, H, W) in [0, 1], got {kind}; "
                     "transform takes images in any format."
                 )
+            _to_unit_float(img.detach(), f"images[{i}]")  # finite, in [0, 1]
         return self._embed(images)
 
     def _embed(self, images, channels=None):
@@ -1449,7 +1498,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         model = state.pop("model_", None)
         if model is not None:
             state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            if isinstance(self.backbone, torch.nn.Module):
+            if isinstance(self._backbone_as_fitted(), torch.nn.Module):
                 # Rebuilt from the module as pickled now, which its owner may
                 # have changed since fit: checked against the fitted model on load.
                 state["_model_structure"] = _structure_digest(model)
@@ -1474,16 +1523,21 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
             self.model_ = model
             self.model_.load_state_dict(model_state)
 
+    def _backbone_as_fitted(self):
+        """The backbone the model was fitted with (older pickles: the parameter)."""
+        return self.__dict__.get("_fitted_backbone", self.backbone)
+
     def _untrained_model(self):
         """The traced backbone at ``layers_``, its weights to be overwritten."""
-        if isinstance(self.backbone, torch.nn.Module):
+        backbone = self._backbone_as_fitted()
+        if isinstance(backbone, torch.nn.Module):
             with _BUILD_LOCK:
-                return self._trace(copy.deepcopy(self.backbone), self.layers_)
-        model = _TRACED.get_structure(self.backbone, self.layers_)
+                return self._trace(copy.deepcopy(backbone), self.layers_)
+        model = _TRACED.get_structure(backbone, self.layers_)
         if model is None:
             # The weights are loaded next: leave torch's global generator alone.
             with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-                model = self._trace(_new_named(self.backbone), self.layers_)
+                model = self._trace(_new_named(backbone), self.layers_)
             # Keyed by weights None, which fit never memoises: only found by structure.
-            _TRACED.put((self.backbone, None, self.layers_), model, self.layers_)
+            _TRACED.put((backbone, None, self.layers_), model, self.layers_)
         return model
