@@ -223,7 +223,8 @@ def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
         pad = (left, resize_shape[1] - left - w, top, resize_shape[0] - top - h)
         amap = F.pad(amap, pad, mode="replicate")
     if tuple(amap.shape[2:]) != tuple(image_shape):
-        amap = F.interpolate(amap, size=tuple(int(s) for s in image_shape), mode="bilinear", align_corners=False)
+        amap = F.interpolate(amap, size=tuple(int(s) for s in image_shape), mode="bilinear",
+                             align_corners=False)
     return amap[0, 0]
 
 

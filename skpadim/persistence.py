@@ -483,7 +483,8 @@ def _check_tiled(tiled, path):
     fitted = tiled["fitted"]
     window = fitted["window"]
     if not (isinstance(window, list) and len(window) == 2 and all(_is_count(v, 16) for v in window)):
-        raise ModelFileError(f"{str(path)!r}: the tiled window {window!r} is not two sides of 16 pixels or more.")
+        raise ModelFileError(
+            f"{str(path)!r}: the tiled window {window!r} is not two sides of 16 pixels or more.")
     if not (_is_number(fitted["scale"]) and fitted["scale"] > 0):
         raise ModelFileError(f"{str(path)!r}: the tiled scale {fitted['scale']!r} is not a positive number.")
     if not _is_count(fitted["n_windows"], 2):

@@ -881,7 +881,8 @@ def test_nested_parameters_of_the_default_extractor_are_refused_clearly(tiny_ext
         TiledDetector().set_params(detector__n_features=5)
     tiled = TiledDetector().set_params(detector=PatchGaussianDetector(), detector__n_features=5)
     assert tiled.detector.n_features == 5
-    det = PatchGaussianDetector().set_params(feature_extractor=tiny_extractor, feature_extractor__image_size=48)
+    det = PatchGaussianDetector().set_params(feature_extractor=tiny_extractor,
+                                             feature_extractor__image_size=48)
     assert det.feature_extractor.image_size == 48
 
 

@@ -308,7 +308,8 @@ def test_non_binary_masks():
         pixel_auroc(masks, _noisy_maps(masks > 0))
 
 
-@pytest.mark.parametrize("kwargs", [{"max_fpr": 0}, {"max_fpr": 1.5}, {"max_fpr": True}, {"num_thresholds": 1}])
+@pytest.mark.parametrize("kwargs", [{"max_fpr": 0}, {"max_fpr": 1.5}, {"max_fpr": True},
+                                    {"num_thresholds": 1}])
 def test_aupro_parameter_validation(kwargs):
     masks = _blob_masks()
     with pytest.raises(ValueError, match=next(iter(kwargs))):

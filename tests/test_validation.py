@@ -350,7 +350,8 @@ def test_embeddings_of_non_real_dtypes_are_refused_when_made(pooling):
     # torch's own message.
     for data in (np.ones((4, 2, 2, 2), dtype=bool), np.full((4, 2, 2, 2), "a", dtype=object),
                  np.ones((4, 2, 2, 2), dtype=complex), np.ones((4, 2, 2, 2), dtype="timedelta64[s]")):
-        with pytest.raises(TypeError, match=f"PatchEmbeddings: .*real numbers, got dtype {re.escape(str(data.dtype))}"):
+        dtype = re.escape(str(data.dtype))
+        with pytest.raises(TypeError, match=f"PatchEmbeddings: .*real numbers, got dtype {dtype}"):
             PatchGaussianDetector(pooling=pooling).fit(PatchEmbeddings(data))
     # Integers are real numbers.
     ints = np.random.RandomState(0).randint(0, 9, size=(6, 2, 3, 3))
