@@ -240,6 +240,8 @@ class PatchEmbeddings(np.ndarray):
     reshape = _keeping_layout_only("reshape")
     squeeze = _keeping_layout_only("squeeze")
     ravel = _keeping_layout_only("ravel")
+    flatten = _keeping_layout_only("flatten")
+    diagonal = _keeping_layout_only("diagonal")
 
     @property
     def T(self):

@@ -56,6 +56,9 @@ def test_patch_embeddings_keep_their_geometry_and_own_it():
     assert view[:1].image_shapes.tolist() == [[4, 4]] and view.take([0], axis=0).shape == (1, 3, 4, 4)
     assert a.take_rows([]).shape == (0, 3, 4, 4)  # an empty list is no float index
     assert pickle.loads(pickle.dumps(a)).image_shapes.tolist() == [[10, 20], [30, 40]]
+    # Methods that regroup the axes give plain arrays (they kept two shapes on 1-D data).
+    for out in (a.flatten(), a.diagonal(), a.ravel()):
+        assert type(out) is np.ndarray
 
 
 # -- TorchvisionExtractor ----------------------------------------------------------
