@@ -147,14 +147,22 @@ def _version(module):
 
 
 def git_commit():
+    """The checked-out commit, with "+uncommitted" when tracked files differ
+    from it: the commit alone would name code that did not produce the result."""
     try:
-        out = subprocess.run(
+        head = subprocess.run(
             ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=10,
-        )
-        return out.stdout.strip() or None
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    if not head:
+        return None
+    return head + "+uncommitted" if changed else head
 
 
 def environment(threads=None, device="cpu", extra_modules=()):

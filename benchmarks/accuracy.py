@@ -8,7 +8,9 @@ included) and peak RSS.
 
 Validation protocol. The test images are split once, per defect type (and the
 good ones), into two halves with a fixed seed: ``val`` and ``final``. Every
-choice of default was made on ``val`` only; ``final`` is the held-out report.
+choice of default since the split was made on ``val`` only, and the two made
+before it (Ledoit-Wolf shrinkage, a frame with the images' proportions) were
+kept after checking them there; ``final`` is the held-out report.
 The table shows both halves and the whole test set (``all``, the figure to
 compare with published ones).
 
