@@ -283,11 +283,11 @@ def _check_batch_shape(X):
         raise ValueError(
             f"X: expected a batch of images with 3 or 4 dimensions, got shape {X.shape}."
         )
-    if X.ndim == 3 and X.shape[-1] in (3, 4) and X.shape[1] >= 8:
+    if X.ndim == 3 and X.shape[-1] in (1, 3, 4) and X.shape[1] >= 8:
         # Read as a batch, it would be greyscale images at least 8 pixels high
-        # and only 3 or 4 wide: far likelier one colour image (H, W, 3 or 4).
+        # and only 1, 3 or 4 wide: far likelier one image (H, W, 1, 3 or 4).
         raise ValueError(
-            f"X: shape {X.shape} looks like one colour image, not a batch; pass a batch "
+            f"X: shape {X.shape} looks like one image, not a batch; pass a batch "
             "of one, X[None], or a list of images."
         )
 
@@ -317,6 +317,10 @@ def image_shapes(X):
         shapes = [tuple(X.shape[2:])] * len(X)
     else:
         shapes = [_shape_of(item, _position(X, i)) for i, item in enumerate(X)]
+        empty = [i for i, (h, w) in enumerate(shapes) if min(h, w) < 1]
+        if empty:  # named here, where the caller's index is known
+            raise ValueError(f"X[{_position(X, empty[0])}]: an image of shape "
+                             f"{tuple(shapes[empty[0]])} has no pixels.")
     if not shapes:
         raise ValueError("X: got 0 images; at least one is required.")
     return shapes

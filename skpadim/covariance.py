@@ -634,6 +634,10 @@ def _ledoit_wolf_shrinkage(n, c, tr, fro2, q):
     beta = (q / n - fro2) / (c * n)
     delta = (fro2 - c * mu * mu) / c
     beta = torch.minimum(beta.clamp(min=0), delta)
+    if c == 1:
+        # S is its own target, delta is 0 but for rounding, which beta / delta
+        # would turn into 1: scikit-learn's exact arithmetic gives 0.
+        return torch.zeros_like(beta)
     safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
     return torch.where(beta > 0, beta / safe_delta, torch.zeros_like(beta))
 

@@ -743,6 +743,16 @@ def test_ledoit_wolf_far_from_unit_scale_in_float32(scale):
                                    atol=1e-5 * np.abs(ref.covariance_).max())
 
 
+def test_one_channel_reports_ledoit_wolf_shrinkage_as_scikit_learn():
+    # The target is S itself; rounding in delta gave a coefficient of 1, not 0.
+    X = np.random.RandomState(4).randn(50, 1, 2, 2)
+    est = PatchCovariance(dtype="float64").fit(X)
+    for p, samples in enumerate(_per_position(X)):
+        ref = LedoitWolf().fit(samples)
+        assert est.shrinkage_[p] == ref.shrinkage_ == 0.0
+        np.testing.assert_allclose(est.covariance_[p], ref.covariance_, rtol=1e-12)
+
+
 def test_integer_embeddings_are_shifted_exactly():
     # Integers past 2**24 were rounded to float32 before the shift (5% off).
     X = 30_000_000 + np.random.RandomState(0).randint(0, 20, size=(50, 3, 1, 1))

@@ -105,10 +105,20 @@ def test_more_dtypes_are_converted_or_named():
         _convert([np.zeros((0, 0, 3), np.uint8)])
 
 
-def test_one_colour_image_is_not_read_as_a_batch():
-    with pytest.raises(ValueError, match=r"looks like one colour image.*X\[None\]"):
-        _convert(np.zeros((32, 32, 3), np.uint8))
+def test_one_image_is_not_read_as_a_batch():
+    # (H, W, 1) was read as H greyscale images one pixel wide, and scored as such.
+    for channels in (1, 3, 4):
+        with pytest.raises(ValueError, match=r"looks like one image.*X\[None\]"):
+            _convert(np.zeros((32, 32, channels), np.uint8))
     assert len(_convert(np.zeros((32, 32, 3), np.uint8)[None])) == 1
+    assert len(_convert(np.zeros((32, 32, 1), np.uint8)[None])) == 1
+
+
+def test_an_empty_image_left_after_labels_is_named_by_its_index_in_X(tiny_extractor, normal_images):
+    # The automatic frame counted positions among the images kept by y.
+    X = list(normal_images[:5]) + [np.zeros((0, 40, 3), np.uint8)]
+    with pytest.raises(ValueError, match=r"X\[5\]: an image of shape \(0, 40\) has no pixels"):
+        PatchGaussianDetector(clone(tiny_extractor).set_params(image_size="auto")).fit(X, [0, 1, 0, 0, 0, 0])
 
 
 @pytest.mark.parametrize("name, value", [("mean", (0.5,)), ("mean", ("a", "b", "c")),
