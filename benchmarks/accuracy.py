@@ -102,8 +102,8 @@ COLUMNS = (
 HEADERS = (
     "config", "train", "test",
     "img val", "px val", "PRO val", "img fin", "px fin", "PRO fin",
-    "img all", "px all", "PRO all", "FA %", "det %", "FA in %", "fit s", "im/s", "RSS MiB", "contam", "trim", "by", "test of",
-    "trim bad",
+    "img all", "px all", "PRO all", "FA %", "det %", "FA in %", "fit s", "im/s", "RSS MiB",
+    "contam", "trim", "by", "test of", "trim bad",
 )  # fmt: skip
 
 

@@ -253,7 +253,8 @@ def main(argv=None):
     print(common.format_table(rows, COLUMNS))
     for label, machine in machines.items():
         print(f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in machine.items()))
-    meta = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "shapes": {k: dict(v, grid=GRID) for k, v in CONFIGS.items()},
+    meta = {"config": {k: v for k, v in vars(args).items() if k != "worker"},
+            "shapes": {k: dict(v, grid=GRID) for k, v in CONFIGS.items()},
             "machine_reference": machines, "environment": env}  # fmt: skip
     common.write_results("fit_profile", rows, COLUMNS, meta)
 

@@ -389,8 +389,9 @@ def main(argv=None):
         "Defard et al. 2021 (Table II pixel AUROC and PRO per category; image AUROC only as "
         "the all-category mean); blank where the paper gives no figure or for non-MVTec data. "
         "fit s includes building the backbone, decoding the images and the detector's second "
-        "pass over the training images for its threshold. RSS base: after importing torch and skpadim; RSS fit: peak up to the "
-        "end of fit; RSS: peak up to the end of scoring (each category in a fresh process)."
+        "pass over the training images for its threshold. RSS base: after importing torch and "
+        "skpadim; RSS fit: peak up to the end of fit; RSS: peak up to the end of scoring (each "
+        "category in a fresh process)."
     )
     name = run_name(args, dataset, n_features, shrinkage)
     meta = {

@@ -32,15 +32,6 @@ PLAIN = {"image AUROC": 0.942, "pixel AUROC": 0.963, "AUPRO@0.3": 0.853}
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
-def _nearest_neighbour(masks, size):
-    """Masks resized to ``size`` (H, W) by nearest neighbour, as the plain run
-    resized them (load_masks(size=...) keeps every defect pixel instead)."""
-    from PIL import Image
-
-    resized = [Image.fromarray(m.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST) for m in masks]
-    return np.stack([np.asarray(r) > 127 for r in resized])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True)
@@ -73,7 +64,7 @@ def main(argv=None):
         masks = load_masks(test.mask_path.tolist(), shapes=[m.shape for m in maps])
         evaluations = {
             "image resolution": (masks, maps),
-            "224 x 224 frame": (_nearest_neighbour(masks, (224, 224)), frame_maps),
+            "224 x 224 frame": (common.nearest_neighbour_masks(masks, (224, 224)), frame_maps),
         }
         for where, (masks, m) in evaluations.items():
             row = {"normalisation": norm_name, "evaluated on": where,

@@ -422,6 +422,7 @@ def load_inputs(args):
     import torch
     from torchvision.transforms.v2 import functional as TF
 
+    from skpadim._images import image_shapes
     from skpadim.datasets import load_images, load_masks, load_mvtec
 
     frame = load_mvtec(args.root, category=args.category)
@@ -450,7 +451,9 @@ def load_inputs(args):
 
     train_x = resized(train)[torch.from_numpy(order)]
     test_x = resized(test.path.tolist())
-    masks = load_masks(test.mask_path.tolist(), size=args.image_size)
+    # Nearest neighbour, as both implementations' protocols resize masks.
+    native = load_masks(test.mask_path.tolist(), shapes=image_shapes(test.path.tolist()))
+    masks = common.nearest_neighbour_masks(native, (args.image_size, args.image_size))
     return train_x, test_x, test.label.to_numpy(), masks, note
 
 
@@ -587,7 +590,8 @@ def main(argv=None):
         ("pixel_auroc", "pixel AUROC (%)"),
         ("aupro", "AUPRO@0.3 (%)"),
         ("feature_s", "feature extraction, train (s)"),
-        ("gaussian_s", "Gaussian fit (s)" if args.repeats == 1 else f"Gaussian fit, median of {args.repeats} (s)"),
+        ("gaussian_s", "Gaussian fit (s)" if args.repeats == 1
+         else f"Gaussian fit, median of {args.repeats} (s)"),
         ("threshold_s", "skpadim threshold pass (s)"),
         ("fit_s", "fit total (s)"),
         ("score_s", "scoring with maps (s)"),
