@@ -132,11 +132,15 @@ def _int_in_range(minimum, maximum=None):
 def _save_atomically(image, out):
     """Write ``image`` to ``out`` through a temporary file beside it, so that a
     failed write leaves whatever ``out`` held untouched."""
+    from .persistence import _file_mode
+
     path = Path(out)
+    mode = _file_mode(path)  # mkstemp's 0600 would make the figure private
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.resolve().parent)
     os.close(fd)
     try:
         image.save(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -167,6 +167,8 @@ def _batch_array_to_tensors(X, start):
 def _check_pixel_batch_layout(X):
     """A numpy batch must be (n, H, W), (n, H, W, 1) or (n, H, W, 3); else a
     ValueError with a hint at what it likely is."""
+    if hasattr(X, "image_shapes"):  # PatchEmbeddings, whatever their grid
+        raise ValueError(f"X: got patch embeddings of shape {X.shape}, not images.")
     if not (X.ndim == 3 or (X.ndim == 4 and X.shape[-1] in (1, 3))):
         hint = ""
         if X.ndim == 4 and X.shape[1] in (1, 3):
@@ -278,7 +280,7 @@ def _shape_of(item, index):
 
 
 def _check_batch_shape(X):
-    """A numpy batch must have 3 or 4 dimensions and not be one colour image."""
+    """A numpy batch must have 3 or 4 dimensions and not be one image (H, W, 1, 3 or 4)."""
     if X.ndim < 3:
         raise ValueError(
             f"X: expected a batch of images with 3 or 4 dimensions, got shape {X.shape}."

@@ -1043,10 +1043,14 @@ class PatchCovariance(BaseEstimator):
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError("X: embeddings contain NaN or infinite values.")
             largest = max(abs(float(lo)), abs(float(hi)))
-            if self.dtype == "float32" and largest > torch.finfo(torch.float32).max:
+            # The precision fitted (scoring), or about to be (fitting).
+            factors = None if reset else getattr(self, "cholesky_", None)
+            precision = self.dtype if factors is None else str(factors.dtype)
+            if precision == "float32" and largest > torch.finfo(torch.float32).max:
                 raise ValueError(
-                    f"X: embeddings reach {largest:.3g}, beyond float32's range; use "
-                    "dtype='float64'."
+                    f"X: embeddings reach {largest:.3g}, beyond the range of float32, the "
+                    "precision of this model; scale them down (PatchCovariance also takes "
+                    "dtype='float64')."
                 )
         if not reset:
             expected = (self.n_features_in_, *self.grid_shape_)

@@ -624,9 +624,12 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             extractor is None and isinstance(X, np.ndarray) and X.ndim == 4
         ):
             if not isinstance(X, PatchEmbeddings) and hasattr(self, "input_shape_"):
-                if X.shape[1] != self.n_features_in_ and X.shape[-1] in (1, 3):
-                    # Channels-last images, not (n, C, h, w) embeddings: say so,
-                    # rather than count their rows as channels.
+                if X.shape[1] != self.n_features_in_ and X.shape[-1] in (1, 3) and (
+                        X.dtype == np.uint8 or X.shape[2] >= 8):
+                    # Channels-last images (bytes, or at least 8 pixels wide: no
+                    # embedding grid is 1 or 3 positions across that), not
+                    # (n, C, h, w) embeddings: say so rather than count their
+                    # rows as channels.
                     raise ValueError(
                         f"X: this detector was fitted on patch embeddings ({self.n_features_in_} "
                         f"channels), so it can only score embeddings, not images; a plain array "

@@ -337,7 +337,9 @@ class PatchEmbeddings(np.ndarray):
         embeddings : PatchEmbeddings
             The selected rows and their image shapes.
         """
-        return self[np.asarray(indices, dtype=np.intp)]
+        indices = np.asarray(indices)
+        # An empty list is float to numpy, which refuses it as an index.
+        return self[indices.astype(np.intp) if indices.size == 0 else indices]
 
     def __reduce__(self):
         # ndarray pickles only the data; keep the geometry so that Pipeline
@@ -1456,7 +1458,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
                         recent.put((location, feature_key, digest), emb)
                 out[i] = emb
             if missing:
-                computed = self.embed([batch[i] for i in missing]).cpu().numpy()
+                computed = self._embed([batch[i] for i in missing]).cpu().numpy()
                 for i, emb in zip(missing, computed):
                     emb = emb.copy()  # its own memory, not a view keeping the batch alive
                     on_disk(feature_key, digests[i], computed=emb)

@@ -464,7 +464,7 @@ def _check_fitted_values(fitted, path):
         "gaussian_dtype": fitted["gaussian_dtype"] in ("float32", "float64"),
         # Recorded by newer releases only.
         "gaussian_shrinkage": fitted.get("gaussian_shrinkage", "ledoit-wolf") == "ledoit-wolf"
-        or (_is_number(fitted["gaussian_shrinkage"]) and 0 <= fitted["gaussian_shrinkage"] <= 1),
+        or (_is_number(fitted["gaussian_shrinkage"]) and fitted["gaussian_shrinkage"] >= 0),
         "gaussian_compact": isinstance(fitted.get("gaussian_compact", False), bool),
     }
     bad = [key for key, ok in checks.items() if not ok]

@@ -1,6 +1,8 @@
 """The command line: the demo runs offline, and bad arguments fail before any fitting."""
 
 import io
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -20,6 +22,10 @@ def test_tiny_demo_writes_its_figure(tmp_path):
     assert "(brick), 2 defective and 1 good test tile (top" in stream.getvalue()
     figure = np.asarray(Image.open(out))
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] == 2 * 64
+    # Written through a temporary file (mode 0600), but with a new file's mode.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("args, message", [

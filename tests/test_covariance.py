@@ -765,8 +765,12 @@ def test_embeddings_beyond_float32_range_are_named():
     X = _embeddings()
     est = PatchCovariance().fit(X)
     for call in (est.fit, est.mahalanobis):
-        with pytest.raises(ValueError, match="beyond float32's range; use dtype='float64'"):
+        with pytest.raises(ValueError, match="beyond the range of float32, the precision of this model"):
             call(X * 1e39)
+    # The fitted precision counts, not the parameter set afterwards.
+    est.set_params(dtype="float64")
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        est.mahalanobis(X * 1e39)
     assert np.isfinite(PatchCovariance(dtype="float64").fit(X * 1e39).mahalanobis(X[:2] * 1e39)).all()
     with pytest.raises(TypeError, match="real numbers, got dtype timedelta64"):
         est.mahalanobis(X.astype(int).astype("timedelta64[s]"))

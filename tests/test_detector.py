@@ -1065,6 +1065,10 @@ def test_embeddings_of_another_frame_are_refused(tiny_extractor, normal_images):
     with pytest.raises(ValueError, match=r"fitted on patch embeddings \(20 channels\), so it can only "
                                          r"score embeddings, not images"):
         det.score_samples(normal_images[:2])
+    # Embeddings of a grid 3 wide with the wrong channel count are named as such.
+    on_bare = PatchGaussianDetector(n_features=None).fit(PatchEmbeddings(np.random.rand(6, 4, 3, 3)))
+    with pytest.raises(ValueError, match="embeddings have 5 channels but the detector was fitted on 4"):
+        on_bare.score_samples(np.random.rand(2, 5, 3, 3))
 
 
 def test_embeddings_without_image_shapes_are_not_held_to_proportions(tiny_extractor, normal_images):

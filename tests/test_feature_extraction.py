@@ -55,6 +55,9 @@ def test_patch_embeddings_keep_their_geometry_and_own_it():
     view = np.zeros((2, 3, 4, 4)).view(PatchEmbeddings)
     assert view[:1].image_shapes.tolist() == [[4, 4]] and view.take([0], axis=0).shape == (1, 3, 4, 4)
     assert a.take_rows([]).shape == (0, 3, 4, 4)  # an empty list is no float index
+    assert a.take_rows(np.array([False, True])).image_shapes.tolist() == [[30, 40]]
+    with pytest.raises(IndexError):
+        a.take_rows([0.5])
     assert pickle.loads(pickle.dumps(a)).image_shapes.tolist() == [[10, 20], [30, 40]]
     # Methods that regroup the axes give plain arrays (they kept two shapes on 1-D data).
     for out in (a.flatten(), a.diagonal(), a.ravel()):
@@ -106,7 +109,8 @@ def test_embed_checks_values_as_transform_does():
     (np.zeros((2, 3, 100, 200), np.uint8), "channels-last"),
     (np.zeros((2, 100, 200, 4), np.uint8), "alpha channel"),
     (torch.zeros(2, 5, 10, 10), r"torch tensor of shape \(n, 3, H, W\)"),
-    (PatchEmbeddings(np.zeros((2, 8, 10, 10))), "PatchEmbeddings"),
+    (PatchEmbeddings(np.zeros((2, 8, 10, 10))), "got patch embeddings of shape .*, not images"),
+    (PatchEmbeddings(np.zeros((2, 8, 10, 3))), "got patch embeddings of shape .*, not images"),
 ])
 def test_auto_image_size_checks_the_layout_as_transform_does(X, message):
     with pytest.raises(ValueError, match=message):

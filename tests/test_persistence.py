@@ -388,6 +388,14 @@ def test_parameters_set_after_fit_neither_change_nor_break_the_file(tmp_path):
     assert loaded.get_params()["feature_extractor__batch_size"] == 4
 
 
+def test_fixed_shrinkage_above_one_round_trips(fitted_emb, tmp_path):
+    # Any fixed shrinkage >= 0 is a valid parameter; the file's check took only [0, 1].
+    _, emb = fitted_emb
+    det = PatchGaussianDetector(n_features=None, shrinkage=2.0).fit(emb)
+    loaded = load(save(det, tmp_path / "s.npz"))
+    np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
+
+
 def test_extractor_parameter_of_a_detector_fitted_on_embeddings_is_kept(tmp_path):
     ext = TorchvisionExtractor("resnet18", weights=None, image_size=32)
     emb = PatchEmbeddings(np.random.RandomState(0).rand(12, 6, 3, 3).astype(np.float32))
