@@ -1458,7 +1458,7 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
                         recent.put((location, feature_key, digest), emb)
                 out[i] = emb
             if missing:
-                computed = self._embed([batch[i] for i in missing]).cpu().numpy()
+                computed = self.embed([batch[i] for i in missing]).cpu().numpy()
                 for i, emb in zip(missing, computed):
                     emb = emb.copy()  # its own memory, not a view keeping the batch alive
                     on_disk(feature_key, digests[i], computed=emb)
