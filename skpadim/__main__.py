@@ -11,7 +11,6 @@ import argparse
 import io
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +67,7 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     from . import PatchGaussianDetector
     from .datasets import make_textures
     from .metrics import image_auroc, pixel_auroc
+    from .persistence import _write_atomically
 
     print(f"Per texture: fit the default detector on {n_train} good tiles of {image_size} px, "
           f"then score {n_test} test tiles (about half with a painted defect).", file=stream)
@@ -104,7 +104,8 @@ def run_demo(textures=TEXTURES, n_train=60, n_test=40, image_size=224, out="skpa
     if out:
         gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
         grid = np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
-        _save_atomically(Image.fromarray(grid), out)
+        # Through a temporary file of the same suffix (PIL picks the format by it).
+        _write_atomically(Path(out).resolve(), Image.fromarray(grid).save, suffix=Path(out).suffix)
         n_defective, n_good = max(counts)
         upto = "" if len(counts) == 1 else "up to "
         print(f"wrote {out}: a row per texture ({', '.join(textures)}), {upto}{n_defective} "
@@ -127,25 +128,6 @@ def _int_in_range(minimum, maximum=None):
         return value
 
     return parse
-
-
-def _save_atomically(image, out):
-    """Write ``image`` to ``out`` through a temporary file beside it, so that a
-    failed write leaves whatever ``out`` held untouched."""
-    from .persistence import _file_mode
-
-    path = Path(out)
-    mode = _file_mode(path)  # mkstemp's 0600 would make the figure private
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.resolve().parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_out(out, parser):

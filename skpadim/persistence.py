@@ -197,20 +197,33 @@ def save(model, path):
         raise FileNotFoundError(f"Cannot save to {path}: the folder {path.parent} does not exist.")
     if path.is_dir():
         raise IsADirectoryError(f"Cannot save to {path}: it is a folder; give a file name.")
-    mode = _file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+
+    _write_atomically(path, write)
+    return path
+
+
+def _write_atomically(path, write, suffix=".tmp"):
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into
+    place with the mode ``path`` has (or a new file would get): a failure, or an
+    interrupt, leaves whatever ``path`` held untouched."""
+    path = Path(path)
+    mode = _file_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def _check_exact_type(obj):
