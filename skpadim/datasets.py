@@ -554,6 +554,10 @@ def write_mvtec(
     ['000.png', '001.png', '002.png']
     7
     """
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or path-like), got {root!r}.")
+    if Path(root).exists() and not Path(root).is_dir():
+        raise NotADirectoryError(f"root {str(root)!r} is a file, not a folder.")
     if (not isinstance(category, str) or category in ("", ".", "..")
             or category != Path(category).name):
         raise ValueError(f"category must be a plain folder name, got {category!r}.")

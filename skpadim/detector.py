@@ -20,7 +20,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._device import resolve_device
 from ._images import (ImageSubset, ValidatedImages, _check_batch_shape, _check_pixel_batch_layout,
-                      _is_pixel_batch, _position, count_images, images_per_batch, iter_image_batches)
+                      _check_tensor_batch_layout, _is_pixel_batch, _position, count_images,
+                      images_per_batch, iter_image_batches)
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings, _input_frame
 from .metrics import _normal_flags
@@ -344,17 +345,18 @@ def _refuse_nested_params_of_none(estimator, params, name, default):
 
 
 def _take_images(X, keep):
-    """The images ``keep`` (indices) of X, whatever container X is; a sequence of
-    images as an :class:`ImageSubset`, whose errors name the caller's indices."""
+    """The images ``keep`` (indices) of X, whatever container X is; images (a
+    sequence, an array or a tensor of them) as an :class:`ImageSubset`, whose
+    errors name the caller's indices."""
     if isinstance(X, PatchEmbeddings):
         return X.take_rows(keep)
-    if isinstance(X, torch.Tensor):
-        return X[keep]
     if _is_pixel_batch(X):
         # Validated image by image from here on: the layout (with the hints the
-        # whole-array path gives) is checked now, on the first image.
+        # whole-array path gives) is checked now, on the whole array.
         _check_batch_shape(X)
         _check_pixel_batch_layout(X)
+    elif isinstance(X, torch.Tensor):
+        _check_tensor_batch_layout(X)
     positions = [_position(X, i) for i in keep]
     if hasattr(X, "iloc"):  # pandas: by position, whatever the index's labels
         return ImageSubset(X.iloc[keep], positions)

@@ -1267,6 +1267,8 @@ class TorchvisionExtractor(TransformerMixin, BaseEstimator):
         """
         self._validate_params()
         check_device(self.device)  # a misspelt device fails now, not at transform
+        if X is not None:
+            count_images(X)  # a single path, or no images at all, named even when X is not read
         if isinstance(self.image_size, str):
             resize = auto_image_size(X)
         else:

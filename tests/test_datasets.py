@@ -240,6 +240,16 @@ def test_write_mvtec_load_with_category(tmp_path):
     assert len(frame) == 4
 
 
+def test_write_mvtec_names_a_root_that_is_not_a_folder(tmp_path):
+    # pathlib's own errors came out of it, after the textures were drawn.
+    with pytest.raises(TypeError, match="root must be a folder path"):
+        write_mvtec(None, "brick")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        write_mvtec(tmp_path / "file.txt", "brick")
+    assert (tmp_path / "file.txt").read_text() == "x"
+
+
 def test_write_mvtec_refuses_to_overwrite(tmp_path):
     path = write_mvtec(tmp_path, "brick", n_train=3, n_test=4, image_size=32, random_state=0)
     (path / "notes.txt").write_text("mine")

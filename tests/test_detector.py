@@ -293,13 +293,13 @@ def test_shape_and_input_errors(tiny_extractor, normal_images):
         det.score_samples(PatchEmbeddings(np.zeros((2, 5, 16, 16), dtype=np.float32)))
 
 
-@pytest.mark.parametrize("as_list", [True, False])
-def test_fit_on_some_images_names_a_bad_one_by_its_index_in_X(tiny_extractor, normal_images, as_list):
+@pytest.mark.parametrize("form", ["list", "array", "tensor"])
+def test_fit_on_some_images_names_a_bad_one_by_its_index_in_X(tiny_extractor, normal_images, form):
     # Labels and trimming fit on subsets of X: errors counted positions in the
     # subset (X[2] or X[4] for X[5]).
     X = normal_images[:8].astype(np.float32) / 255
     X[5, 0, 0, 0] = np.nan
-    X = list(X) if as_list else X
+    X = {"list": list(X), "array": X, "tensor": torch.from_numpy(X).permute(0, 3, 1, 2)}[form]
     y = [0, 1, 0, 0, 0, 0, 0, 0]
     for params, labels in ((dict(), y), (dict(trim=0.25), None), (dict(trim=0.25), y)):
         det = PatchGaussianDetector(tiny_extractor, n_features=4, batch_size=2, **params)

@@ -78,6 +78,15 @@ def test_sequential_backbone_names_its_layers():
     assert emb.shape == (2, 24, 24, 24)
 
 
+def test_fit_names_what_is_not_images_even_with_a_fixed_size():
+    # With a fixed image_size fit never reads X, and took anything.
+    with pytest.raises(TypeError, match="single path"):
+        _resnet18().fit("not images")
+    with pytest.raises(TypeError, match="expected images .*, got int"):
+        _resnet18().fit(5)
+    assert _resnet18().fit().n_channels_ == _resnet18().fit(IMAGES).n_channels_
+
+
 def test_layers_without_a_feature_map_are_refused_at_fit():
     # fit accepted them; transform then failed unpacking a 2-D shape.
     for layers in (("fc",), ("layer1", "flatten")):
