@@ -250,6 +250,24 @@ def _position(X, i):
     return i if positions is None else int(positions[i])
 
 
+def image_subset(X, keep):
+    """The images ``keep`` (indices) of X, as an :class:`ImageSubset`.
+
+    Arrays and tensors are taken image by image (views, no copy), to be
+    validated so from here on: their layout, with the hints the whole-batch
+    path gives, is checked now, on the whole batch.
+    """
+    if _is_pixel_batch(X):
+        _check_batch_shape(X)
+        _check_pixel_batch_layout(X)
+    elif isinstance(X, torch.Tensor):
+        _check_tensor_batch_layout(X)
+    positions = [_position(X, i) for i in keep]
+    if hasattr(X, "iloc"):  # pandas: by position, whatever the index's labels
+        return ImageSubset(X.iloc[keep], positions)
+    return ImageSubset([X[i] for i in keep], positions)
+
+
 class ValidatedImages(list):
     """A list of float tensors (3, H, W) in [0, 1] that already passed validation.
 
@@ -319,10 +337,10 @@ def image_shapes(X):
         shapes = [tuple(X.shape[2:])] * len(X)
     else:
         shapes = [_shape_of(item, _position(X, i)) for i, item in enumerate(X)]
-        empty = [i for i, (h, w) in enumerate(shapes) if min(h, w) < 1]
-        if empty:  # named here, where the caller's index is known
-            raise ValueError(f"X[{_position(X, empty[0])}]: an image of shape "
-                             f"{tuple(shapes[empty[0]])} has no pixels.")
+    empty = [i for i, (h, w) in enumerate(shapes) if min(h, w) < 1]
+    if empty:  # named here, where the caller's index is known
+        raise ValueError(f"X[{_position(X, empty[0])}]: an image of shape "
+                         f"{tuple(shapes[empty[0]])} has no pixels.")
     if not shapes:
         raise ValueError("X: got 0 images; at least one is required.")
     return shapes

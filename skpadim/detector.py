@@ -19,9 +19,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import resolve_device
-from ._images import (ImageSubset, ValidatedImages, _check_batch_shape, _check_pixel_batch_layout,
-                      _check_tensor_batch_layout, _is_pixel_batch, _position, count_images,
-                      images_per_batch, iter_image_batches)
+from ._images import ValidatedImages, count_images, image_subset, images_per_batch, iter_image_batches
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings, _input_frame
 from .metrics import _normal_flags
@@ -345,22 +343,8 @@ def _refuse_nested_params_of_none(estimator, params, name, default):
 
 
 def _take_images(X, keep):
-    """The images ``keep`` (indices) of X, whatever container X is; images (a
-    sequence, an array or a tensor of them) as an :class:`ImageSubset`, whose
-    errors name the caller's indices."""
-    if isinstance(X, PatchEmbeddings):
-        return X.take_rows(keep)
-    if _is_pixel_batch(X):
-        # Validated image by image from here on: the layout (with the hints the
-        # whole-array path gives) is checked now, on the whole array.
-        _check_batch_shape(X)
-        _check_pixel_batch_layout(X)
-    elif isinstance(X, torch.Tensor):
-        _check_tensor_batch_layout(X)
-    positions = [_position(X, i) for i in keep]
-    if hasattr(X, "iloc"):  # pandas: by position, whatever the index's labels
-        return ImageSubset(X.iloc[keep], positions)
-    return ImageSubset([X[i] for i in keep], positions)
+    """The images ``keep`` (indices) of X, whatever container X is."""
+    return X.take_rows(keep) if isinstance(X, PatchEmbeddings) else image_subset(X, keep)
 
 
 class _ImageOutlierDetector(OutlierMixin):

@@ -737,11 +737,8 @@ def auto_image_size(X, short_side=224, multiple=32, max_long_side=896):
 
 
 def _auto_size_of_shapes(shapes, short_side=224, multiple=32, max_long_side=896):
-    """:func:`auto_image_size` from the images' ``(H, W)`` (None: a square)."""
-    if shapes is not None:
-        empty = [i for i, (h, w) in enumerate(shapes) if min(h, w) < 1]
-        if empty:
-            raise ValueError(f"X[{empty[0]}]: an image of shape {tuple(shapes[empty[0]])} has no pixels.")
+    """:func:`auto_image_size` from the images' ``(H, W)`` (None: a square), as
+    ``image_shapes`` gives them: every image with pixels."""
     # The median of log(h / w): portrait and landscape images count alike (an
     # even mix of 1:2 and 2:1 gives a square, not the mean of 0.5 and 2).
     ratio = 1.0 if shapes is None else float(np.exp(np.median([np.log(h / w) for h, w in shapes])))

@@ -175,7 +175,6 @@ def save(model, path):
     _check_exact_type(model)
     if isinstance(model, TiledDetector):
         _check_exact_type(model.detector_)
-    if isinstance(model, TiledDetector):
         arrays, config = _contents(model.detector_)
         config["format_version"] = 3
         config["tiled"] = {

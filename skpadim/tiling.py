@@ -293,9 +293,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
                 "it would leave out windows, not images. Set the detector's trim to 0."
             )
         shapes = image_shapes(X)
-        median_short = float(np.median([min(shape) for shape in shapes]))
-        if median_short < 1:
-            raise ValueError("X: most training images have no pixels (a side of length 0).")
+        median_short = float(np.median([min(shape) for shape in shapes]))  # >= 1: image_shapes checks
         if isinstance(self.window, str):
             window = _auto_size_of_shapes(shapes, short_side=self.short_side)
             # The window's shorter side is short_side rounded to a multiple of
