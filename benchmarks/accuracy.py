@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
 # Changes from the defaults, one per ablation; "paper" is the full recipe.
-PAPER = {"image_size": 224, "n_features": 100, "shrinkage": 0.01, "pooling": 1, "image_score": "max"}
+PAPER = {"image_size": 224, "n_features": 100, "shrinkage": 0.01, "pooling": 1, "image_score": "max",
+         "size_calibration": False}
 CONFIGS = {
     "paper": PAPER,
     "defaults": {},
@@ -78,6 +79,7 @@ CONFIGS = {
     "eps-0.01": {"shrinkage": 0.01},
     "no-pooling": {"pooling": 1},
     "score-max": {"image_score": "max"},
+    "no-size-calibration": {"size_calibration": False},
     "sigma-2": {"sigma": 2.0},
     "sigma-8": {"sigma": 8.0},
     # The paper's recipe with ImageNet's mean and std instead of the Lite

@@ -33,6 +33,12 @@ _ASPECT_TOLERANCE = 0.1
 # EfficientNet-Lite0 extractor's 176, and a random subset of wider backbones,
 # whose per-position covariances would otherwise grow with the square.
 _AUTO_MAX_FEATURES = 200
+# size_calibration learns how the level of a normal map varies with the resize
+# factor from the training images only when there are at least this many and
+# their factors spread by more than 5% along an axis (log(1.05)): fewer images,
+# or images of one size, leave nothing to learn the slope from.
+_LEVEL_MIN_IMAGES = 10
+_LEVEL_MIN_SPREAD = float(np.log(1.05))
 # Neighbourhood pooling goes through the channels in blocks of about this many
 # bytes: its one temporary, the sums along rows, is one block, and stays in
 # cache while the sums along columns read it (3 x 3 on 32 images of 56 x 56
@@ -211,6 +217,33 @@ def _image_scores_from_maps(maps, image_score):
         return flat.amax(dim=1)
     k = max(1, int(round(float(image_score) * flat.shape[1])))
     return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def _log_magnifications(emb):
+    """(n_images, 2): log of how much the resize to the frame magnifies each image
+    of ``emb``, along its height and its width."""
+    frame = np.asarray(emb.resize_shape, dtype=np.float64)
+    return np.log(frame / np.asarray(emb.image_shapes, dtype=np.float64))
+
+
+def _fit_level_slopes(log_magnifications, levels):
+    """Exponents ``(a_h, a_w)`` of the magnifications in a normal map's level.
+
+    Least squares of ``log(levels)`` on the log magnifications (n_images, 2) and
+    a constant. An axis along which the images' magnifications spread by less
+    than ``_LEVEL_MIN_SPREAD`` gets 0 (nothing to learn the slope from), and so do
+    both with fewer than ``_LEVEL_MIN_IMAGES`` images or a level that is not
+    positive and finite (no logarithm).
+    """
+    slopes = np.zeros(2)
+    spread = np.ptp(log_magnifications, axis=0)
+    varies = spread > _LEVEL_MIN_SPREAD
+    if len(levels) < _LEVEL_MIN_IMAGES or not varies.any() or not np.all(np.isfinite(levels) & (levels > 0)):
+        return slopes
+    design = np.column_stack([np.ones(len(levels)), log_magnifications[:, varies]])
+    coef = np.linalg.lstsq(design, np.log(levels), rcond=None)[0]
+    slopes[varies] = coef[1:]
+    return slopes
 
 
 def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
@@ -474,6 +507,19 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         frame): ``"max"``, the map's maximum (the paper's recipe), or a float
         ``f``, the mean of the highest fraction ``f`` of the map's values, which
         one stray hot pixel moves less than the maximum.
+    size_calibration : bool, default=True
+        Whether maps are put on one scale across image sizes. Every image is
+        resized to the same frame, so images of different sizes are magnified
+        differently, and the distances of normal patches change with the
+        magnification (a narrow image, stretched more, scores higher all
+        over). With ``True``, the fit learns from the training images'
+        leave-one-out maps how the median of a normal map varies with the
+        magnification along the height and the width (a power law, by least
+        squares on logarithms), and every map is divided by the level so
+        expected for its image, magnifications outside the training images'
+        range taken at its edge. It changes nothing when the training images
+        all have one size (or fewer than 10 images, or sizes that vary by
+        less than 5%): ``level_slopes_`` is then zero.
     contamination : float in (0, 0.5], default=0.01
         Expected fraction of anomalous images, used to place the decision
         threshold: ``offset_`` is the ``contamination`` quantile of the training
@@ -534,6 +580,15 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
     trimmed_indices_ : ndarray of int
         Indices (into the normal training images) of the images left out by
         ``trim`` with ``trim_by="image"``; empty otherwise.
+    level_slopes_ : ndarray of shape (2,)
+        Exponents of an image's magnification onto the frame, along its height
+        and its width, in the level of its normal map (``size_calibration``);
+        every map is divided by ``exp(level_slopes_ @ (m - centre))``, ``m``
+        the log magnifications clipped to ``log_magnification_range_`` and
+        ``centre`` that range's middle. Zero: no calibration.
+    log_magnification_range_ : ndarray of shape (2, 2)
+        Smallest (first row) and largest (second row) log magnification of the
+        training images along the height and the width.
     fitted_on_embeddings_ : bool
         True when ``fit`` received patch embeddings rather than images.
 
@@ -562,6 +617,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         "pooling": [Interval(numbers.Integral, 1, None, closed="left")],
         "sigma": [Interval(numbers.Real, 0, None, closed="left")],
         "image_score": [StrOptions({"max"}), Interval(numbers.Real, 0, 1, closed="right")],
+        "size_calibration": ["boolean"],
         "trim": [Interval(numbers.Real, 0, 0.5, closed="left")],
         "trim_by": [StrOptions({"patch", "image"})],
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
@@ -580,6 +636,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         pooling=3,
         sigma=4.0,
         image_score=0.01,
+        size_calibration=True,
         contamination=0.01,
         trim=0.0,
         trim_by="image",
@@ -594,6 +651,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         self.pooling = pooling
         self.sigma = sigma
         self.image_score = image_score
+        self.size_calibration = size_calibration
         self.contamination = contamination
         self.trim = trim
         self.trim_by = trim_by
@@ -747,7 +805,26 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         # The threshold is set on leave-one-out scores: in-sample ones are too
         # optimistic (see _leave_one_out_distances). Images and patches left out
         # by trim are scored as they are.
-        train_scores = fitted._score_samples(X, in_fit)
+        n_images = len(in_fit)
+        low, high = fitted.log_magnification_range_
+        calibrate = (self.size_calibration and n_images - len(fitted.trimmed_indices_) >= _LEVEL_MIN_IMAGES
+                     and bool(np.any(high - low > _LEVEL_MIN_SPREAD)))  # fmt: skip
+        if not calibrate:
+            train_scores = fitted._score_samples(X, in_fit)
+        else:
+            # One pass gives the uncalibrated scores and each map's median; the
+            # calibration divides a whole map, hence its score, by one number.
+            scores, medians, magnifications = [], [], []
+            for maps, emb in fitted._iter_maps(X, in_fit):
+                scores.append(_image_scores_from_maps(maps, self.image_score).cpu().numpy())
+                medians.append(maps.flatten(1).median(dim=1).values.cpu().numpy())
+                magnifications.append(_log_magnifications(emb))
+            scores, medians, magnifications = (np.concatenate(a).astype(np.float64)
+                                               for a in (scores, medians, magnifications))  # fmt: skip
+            normal = np.ones(n_images, dtype=bool)
+            normal[fitted.trimmed_indices_] = False  # the suspects teach nothing about normal levels
+            fitted.level_slopes_ = _fit_level_slopes(magnifications[normal], medians[normal])
+            train_scores = -scores / fitted._normal_levels(magnifications)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         self._adopt(fitted)
         return self
@@ -782,16 +859,17 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         if trimming:
             # Two Gaussians, each on every other image: together one pass.
             halves = (np.arange(0, n_images, 2), np.arange(1, n_images, 2))
-            gaussian_a, channels, n_channels, input_shape, aspects_a = self._fit_gaussian(
+            gaussian_a, channels, n_channels, input_shape, shapes_a = self._fit_gaussian(
                 _take_images(X, halves[0]), extractor)
             # The second half must give the first half's grid and channels:
             # checked at its first batch, not after it is fitted.
             first = (gaussian_a.grid_shape_, n_channels)
-            gaussian_b, _, _, _, aspects_b = self._fit_gaussian(
+            gaussian_b, _, _, _, shapes_b = self._fit_gaussian(
                 _take_images(X, halves[1]), extractor, channels, like=first)
-            aspects = np.concatenate([aspects_a, aspects_b])
+            aspects, magnifications = (np.concatenate([a, b]) for a, b in zip(shapes_a, shapes_b))
         else:
-            gaussian, channels, n_channels, input_shape, aspects = self._fit_gaussian(X, extractor)
+            gaussian, channels, n_channels, input_shape, (aspects, magnifications) = self._fit_gaussian(
+                X, extractor)
 
         # The new state is assembled on a copy and only then written onto self
         # (by fit), so that a fit failing part way leaves a previously fitted
@@ -803,6 +881,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         fitted.n_features_in_ = int(n_channels)
         fitted.input_shape_ = tuple(int(s) for s in input_shape)
         fitted.aspect_range_ = (float(aspects.min()), float(aspects.max()))
+        fitted.log_magnification_range_ = np.stack([magnifications.min(axis=0), magnifications.max(axis=0)])
+        fitted.level_slopes_ = np.zeros(2)  # no calibration until fit learns one
         fitted.offset_ = 0.0  # provisional: the scoring passes below use it
         fitted.trimmed_indices_ = np.array([], dtype=np.intp)
         if trimming and self.trim_by == "image":
@@ -844,7 +924,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         return fitted, X, in_fit
 
     def _fit_gaussian(self, X, extractor, channels=None, keep=None, like=None):
-        """One streaming pass: the per-position Gaussian of X's (pooled) embeddings;
+        """One streaming pass: the per-position Gaussian of X's (pooled) embeddings,
+        with the images' aspect ratios and log magnifications;
         ``keep``: None or bool (n_images, h * w), the patches to fit on; ``like``:
         None or the ``(grid, n_channels)`` of an earlier pass of the same fit, which
         every batch must give too."""
@@ -853,7 +934,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             store_covariance=False, compact=self.compact,
         )
         gaussian._validate_params()
-        moments, n_channels, aspects, start = None, None, [], 0
+        moments, n_channels, aspects, magnifications, start = None, None, [], [], 0
         grid, part = (None, "batch") if like is None else (like[0], "part of the images")
         subsets = _computes_subsets(extractor, X)
         if subsets:  # the extractor computes the kept channels only
@@ -881,13 +962,15 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 )
             part = "batch"  # (the later batches of this pass are checked against its first)
             aspects.append(emb.image_shapes[:, 0] / emb.image_shapes[:, 1])
+            magnifications.append(_log_magnifications(emb))
             selected = self._pooled(take(emb))
             selected = gaussian._check_embeddings(selected, reset=True)
             mask = None if keep is None else torch.from_numpy(keep[start : start + len(emb)])
             moments = gaussian._accumulate(moments, selected, mask)
             start += len(emb)
         gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
-        return gaussian, channels, n_channels, input_shape, np.concatenate(aspects)
+        return gaussian, channels, n_channels, input_shape, (np.concatenate(aspects),
+                                                            np.concatenate(magnifications))
 
     def _draw_channels(self, n_channels):
         n_features = self.n_features
@@ -912,8 +995,20 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
     def _iter_maps(self, X, in_fit=None):
         """Yield (smoothed maps on the preprocessed frame (b, H, W), embeddings);
         ``in_fit`` as for :meth:`_iter_distances`."""
+        calibrated = np.any(getattr(self, "level_slopes_", 0))  # (absent from older pickles)
         for dist, emb in self._iter_distances(X, in_fit):
-            yield _upsample_and_blur(dist, emb.input_shape, self.sigma), emb
+            maps = _upsample_and_blur(dist, emb.input_shape, self.sigma)
+            if calibrated:
+                levels = self._normal_levels(_log_magnifications(emb))
+                maps = maps / torch.as_tensor(levels, dtype=maps.dtype, device=maps.device)[:, None, None]
+            yield maps, emb
+
+    def _normal_levels(self, log_magnifications):
+        """The level of a normal map, relative, at each log magnification (n, 2)
+        (see ``size_calibration``)."""
+        low, high = self.log_magnification_range_
+        m = np.clip(log_magnifications, low, high)
+        return np.exp((m - (low + high) / 2) @ self.level_slopes_)
 
     def _iter_distances(self, X, in_fit=None):
         """Yield (patch distances (b, h, w), embeddings), batch by batch.

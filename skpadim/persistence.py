@@ -44,11 +44,13 @@ __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 FORMAT_VERSION = 3
 _MAGIC = "skpadim-detector"
 
-_DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "contamination",
-                    "trim", "trim_by", "batch_size", "device", "compact", "random_state")
+_DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "size_calibration",
+                    "contamination", "trim", "trim_by", "batch_size", "device", "compact", "random_state")
 # Files written before these parameters existed were fitted with the paper's
-# recipe, or (trim_by) trimmed whole images, which is what these values give back.
-_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "trim": 0.0, "trim_by": "image"}
+# recipe, or (trim_by) trimmed whole images, or without a size calibration,
+# which is what these values give back.
+_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "size_calibration": False, "trim": 0.0,
+                             "trim_by": "image"}
 _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
                      "batch_size", "device")
 _FITTED_KEYS = ("offset", "n_features_in", "input_shape", "aspect_range", "fitted_on_embeddings",
@@ -297,6 +299,8 @@ def _contents(model):
             "gaussian_dtype": model.gaussian_.dtype,
             "gaussian_shrinkage": _jsonable(gaussian.shrinkage, "shrinkage"),
             "gaussian_compact": compact,
+            "level_slopes": [float(v) for v in model.level_slopes_],
+            "log_magnification_range": [[float(v) for v in row] for row in model.log_magnification_range_],
         },
         "extractor": None,
         # The feature_extractor parameter as get_params gives it (the fitted one
@@ -478,6 +482,11 @@ def _check_fitted_values(fitted, path):
         "gaussian_shrinkage": fitted.get("gaussian_shrinkage", "ledoit-wolf") == "ledoit-wolf"
         or (_is_number(fitted["gaussian_shrinkage"]) and fitted["gaussian_shrinkage"] >= 0),
         "gaussian_compact": isinstance(fitted.get("gaussian_compact", False), bool),
+        "level_slopes": pair(fitted.get("level_slopes", [0.0, 0.0]), _is_number),
+        "log_magnification_range": isinstance(fitted.get("log_magnification_range"), (list, type(None)))
+        and (fitted.get("log_magnification_range") is None
+             or (len(fitted["log_magnification_range"]) == 2
+                 and all(pair(row, _is_number) for row in fitted["log_magnification_range"]))),
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
@@ -631,6 +640,10 @@ def load(path):
     det.n_features_in_ = fitted["n_features_in"]
     det.input_shape_ = tuple(fitted["input_shape"])
     det.aspect_range_ = tuple(fitted["aspect_range"])
+    # (Files of older releases: no calibration.)
+    det.level_slopes_ = np.asarray(fitted.get("level_slopes", [0.0, 0.0]), dtype=np.float64)
+    det.log_magnification_range_ = np.asarray(fitted.get("log_magnification_range", [[0.0, 0.0]] * 2),
+                                              dtype=np.float64)  # fmt: skip
     det.fitted_on_embeddings_ = fitted["fitted_on_embeddings"]
     if config.get("tiled") is None:
         return det

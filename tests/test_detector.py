@@ -1079,3 +1079,86 @@ def test_embeddings_without_image_shapes_are_not_held_to_proportions(tiny_extrac
     det = PatchGaussianDetector(n_features=8, random_state=0).fit(PatchEmbeddings(np.asarray(emb)))
     wide = PatchEmbeddings(np.asarray(emb[:2]), image_shapes=[(600, 800)] * 2, resize_shape=(32, 32))
     assert det.score_samples(wide).shape == (2,)
+
+
+# -- size_calibration ----------------------------------------------------------
+def _varied_widths(n, seed):
+    """Images 32 px high and 24 to 62 px wide: magnified differently onto a 32 x 32 frame."""
+    return [np.ascontiguousarray(img[:, : 24 + (2 * i) % 40]) for i, img in
+            enumerate(textured_images(n, size=64, seed=seed)[:, :32])]
+
+
+def test_level_slopes_recover_a_power_law():
+    from skpadim.detector import _fit_level_slopes
+
+    rng = np.random.RandomState(0)
+    m = rng.uniform(-0.5, 0.5, size=(30, 2))
+    levels = 3.0 * np.exp(m @ np.array([0.4, -0.2]))
+    np.testing.assert_allclose(_fit_level_slopes(m, levels), [0.4, -0.2], atol=1e-10)
+    # An axis whose magnifications spread by under 5% teaches nothing: slope 0,
+    # and the other is still found.
+    flat = m.copy()
+    flat[:, 0] = 0.01 * m[:, 0]
+    levels = 3.0 * np.exp(flat @ np.array([0.0, -0.2]))
+    np.testing.assert_allclose(_fit_level_slopes(flat, levels), [0.0, -0.2], atol=1e-10)
+    # Too few images, or a level without a logarithm: no calibration.
+    assert not _fit_level_slopes(m[:9], levels[:9]).any()
+    assert not _fit_level_slopes(m, np.where(np.arange(30) == 3, 0.0, levels)).any()
+    assert not _fit_level_slopes(m, np.where(np.arange(30) == 3, np.nan, levels)).any()
+
+
+def test_size_calibration_divides_each_map_by_its_expected_level(tiny_extractor):
+    X, Xt = _varied_widths(24, seed=0), _varied_widths(6, seed=1)
+    # A test image wider than any training image: its level is the range's edge.
+    Xt.append(np.ascontiguousarray(np.concatenate([Xt[0], Xt[0]], axis=1)))
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    plain = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
+                                  size_calibration=False).fit(X)
+    assert not plain.level_slopes_.any()
+    assert det.level_slopes_[0] == 0 and det.level_slopes_[1] != 0  # only the widths vary
+    heights, widths = np.array([x.shape[0] for x in X]), np.array([x.shape[1] for x in X])
+    np.testing.assert_allclose(det.log_magnification_range_,
+                               [[0, np.log(32 / widths.max())], [0, np.log(32 / widths.min())]])
+    low, high = det.log_magnification_range_[:, 1]
+    m = np.clip(np.log(32 / np.array([x.shape[1] for x in Xt])), low, high)
+    levels = np.exp((m - (low + high) / 2) * det.level_slopes_[1])
+    for ours, raw, level in zip(det.anomaly_maps(Xt), plain.anomaly_maps(Xt), levels):
+        np.testing.assert_allclose(ours, raw / level, rtol=1e-5)
+    np.testing.assert_allclose(det.score_samples(Xt), plain.score_samples(Xt) / levels, rtol=1e-5)
+    assert det.offset_ != plain.offset_
+
+
+def test_size_calibration_changes_nothing_for_images_of_one_size(tiny_extractor, normal_images,
+                                                                 test_images):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    plain = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
+                                  size_calibration=False).fit(normal_images)
+    assert not det.level_slopes_.any() and not det.log_magnification_range_.any()
+    np.testing.assert_array_equal(det.score_samples(test_images), plain.score_samples(test_images))
+    assert det.offset_ == plain.offset_
+
+
+def test_size_calibration_learns_from_normal_images_only(tiny_extractor):
+    # Images that trim leaves out are suspects: their levels are not learnt from.
+    X = _varied_widths(24, seed=0)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, trim=0.1).fit(X)
+    assert len(det.trimmed_indices_) == 2
+    plain = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, trim=0.1,
+                                  size_calibration=False).fit(X)
+    kept = np.setdiff1d(np.arange(24), det.trimmed_indices_)
+    # The normal images' leave-one-out map medians, from the uncalibrated detector.
+    from skpadim.detector import _fit_level_slopes, _log_magnifications
+
+    in_fit = np.ones((24, 1), dtype=bool)
+    in_fit[det.trimmed_indices_] = False
+    medians, magnifications = [], []
+    for maps, emb in plain._iter_maps(X, in_fit):
+        # (The lower of the two middle values, as torch.median takes it.)
+        medians += [float(np.sort(m.numpy().ravel())[(m.numel() - 1) // 2]) for m in maps]
+        magnifications.append(_log_magnifications(emb))
+    magnifications = np.concatenate(magnifications)
+    expected = _fit_level_slopes(magnifications[kept], np.array(medians)[kept])
+    np.testing.assert_allclose(det.level_slopes_, expected, rtol=1e-6)
+    assert abs(_fit_level_slopes(magnifications, np.array(medians))[1] - expected[1]) > 1e-4
+    with pytest.raises(ValueError, match="size_calibration"):
+        PatchGaussianDetector(size_calibration="yes").fit(X)

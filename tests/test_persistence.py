@@ -186,6 +186,10 @@ def _set(section, key, value):
     (_set("fitted", "aspect_range", [0, 1]), "invalid aspect_range"),
     (_set("fitted", "fitted_on_embeddings", 1), "invalid fitted_on_embeddings"),
     (_set("fitted", "gaussian_dtype", "float16"), "invalid gaussian_dtype"),
+    (_set("fitted", "level_slopes", [0.1]), "invalid level_slopes"),
+    (_set("fitted", "level_slopes", [0.1, None]), "invalid level_slopes"),
+    (_set("fitted", "log_magnification_range", [[0, 0], [0, "1"]]), "invalid log_magnification_range"),
+    (_set("fitted", "log_magnification_range", [[0, 0]]), "invalid log_magnification_range"),
     (_set("detector", "sigma", -1.0), "invalid detector parameter: .*sigma"),
     (_set("detector", "image_score", "median"), "invalid detector parameter: .*image_score"),
     (_set("detector", "bogus", 1), "unknown entries bogus"),
@@ -412,12 +416,33 @@ def test_files_without_the_fitted_settings_load_as_before(fitted_emb, tmp_path):
 
     def strip(arrays, config):
         del config["fitted"]["gaussian_shrinkage"], config["fitted"]["gaussian_compact"]
-        del config["extractor_param"]
+        del config["fitted"]["level_slopes"], config["fitted"]["log_magnification_range"]
+        del config["extractor_param"], config["detector"]["size_calibration"]
 
     _rewrite(path, strip, redigest=True)
     loaded = load(path)
     np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
     assert loaded.gaussian_.shrinkage == det.shrinkage and loaded.feature_extractor is None
+    # Fitted before the calibration existed: none.
+    assert loaded.size_calibration is False and not loaded.level_slopes_.any()
+
+
+def test_size_calibration_round_trips(tmp_path):
+    from conftest import TinyNet, textured_images
+
+    # Embeddings of images of varied widths carry their sizes: the detector
+    # fitted on them learns a calibration, which must come back exactly.
+    X = [np.ascontiguousarray(img[:, : 24 + 2 * i]) for i, img in
+         enumerate(textured_images(12, size=64, seed=0)[:, :32])]
+    ext = TorchvisionExtractor(TinyNet(), layers=("block1", "block2"), weights=None, image_size=32)
+    emb = ext.fit(X).transform(X)
+    det = PatchGaussianDetector(n_features=8, random_state=0).fit(emb)
+    assert det.level_slopes_.any()
+    loaded = load(save(det, tmp_path / "m.npz"))
+    assert loaded.size_calibration is True
+    np.testing.assert_array_equal(loaded.level_slopes_, det.level_slopes_)
+    np.testing.assert_array_equal(loaded.log_magnification_range_, det.log_magnification_range_)
+    np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
 
 
 def test_load_leaves_torch_random_state_alone(fitted_lite, tmp_path):
