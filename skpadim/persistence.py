@@ -483,10 +483,8 @@ def _check_fitted_values(fitted, path):
         or (_is_number(fitted["gaussian_shrinkage"]) and fitted["gaussian_shrinkage"] >= 0),
         "gaussian_compact": isinstance(fitted.get("gaussian_compact", False), bool),
         "level_slopes": pair(fitted.get("level_slopes", [0.0, 0.0]), _is_number),
-        "log_magnification_range": isinstance(fitted.get("log_magnification_range"), (list, type(None)))
-        and (fitted.get("log_magnification_range") is None
-             or (len(fitted["log_magnification_range"]) == 2
-                 and all(pair(row, _is_number) for row in fitted["log_magnification_range"]))),
+        "log_magnification_range": pair(fitted.get("log_magnification_range", [[0.0, 0.0]] * 2),
+                                        lambda row: pair(row, _is_number)),
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
