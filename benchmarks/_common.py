@@ -147,18 +147,18 @@ def _version(module):
 
 
 def git_commit():
-    """The checked-out commit, with "+uncommitted" when tracked files other than
-    results differ from it: the commit alone would name code that did not
-    produce the result."""
+    """The checked-out commit, with "+uncommitted" when tracked files that make
+    a result (the package, the benchmarks, setup.py) differ from it: the commit
+    alone would name code that did not produce the result. Prose (README,
+    doc/) and results written by earlier runs are not code."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=10,
         ).stdout.strip()
         changed = subprocess.run(
-            # (Results written by earlier runs are not code.)
             ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no", "--",
-             ".", ":(exclude)benchmarks/results"],
+             "skpadim", "benchmarks", "setup.py", ":(exclude)benchmarks/results"],
             capture_output=True, text=True, timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
