@@ -1096,7 +1096,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
 
         The anomaly score of an image summarises its anomaly map as
         ``image_score`` says (the mean of its top fraction, or its maximum), on
-        the preprocessed frame, so it does not depend on the input resolution.
+        the preprocessed frame, so it does not depend on the input resolution
+        beyond what ``size_calibration`` corrects for.
 
         Parameters
         ----------
