@@ -35,8 +35,9 @@ _ASPECT_TOLERANCE = 0.1
 _AUTO_MAX_FEATURES = 200
 # size_calibration learns how the level of a normal map varies with the resize
 # factor from the training images only when there are at least this many and
-# their factors spread by more than 5% along an axis (log(1.05)): fewer images,
-# or images of one size, leave nothing to learn the slope from.
+# their factors spread by more than 5% (log(1.05)) along an axis, and learns a
+# slope only along a direction in which they spread that much: fewer images, or
+# images of one size, leave nothing to learn a slope from.
 _LEVEL_MIN_IMAGES = 10
 _LEVEL_MIN_SPREAD = float(np.log(1.05))
 # Neighbourhood pooling goes through the channels in blocks of about this many
@@ -229,21 +230,29 @@ def _log_magnifications(emb):
 def _fit_level_slopes(log_magnifications, levels):
     """Exponents ``(a_h, a_w)`` of the magnifications in a normal map's level.
 
-    Least squares of ``log(levels)`` on the log magnifications (n_images, 2) and
-    a constant. An axis along which the images' magnifications spread by less
-    than ``_LEVEL_MIN_SPREAD`` gets 0 (nothing to learn the slope from), and so do
-    both with fewer than ``_LEVEL_MIN_IMAGES`` images or a level that is not
-    positive and finite (no logarithm).
+    Least squares of ``log(levels)`` on a constant and the log magnifications
+    (n_images, 2), along their principal directions: a direction along which the
+    images spread by less than ``_LEVEL_MIN_SPREAD`` gets slope 0. Images of one
+    aspect ratio at several sizes, or of one height and several widths, span one
+    direction only; a slope along the other would be fitted to rounding noise
+    (large, and of opposite signs on the two axes) and would rescale any image a
+    little off those proportions. Both slopes are 0 with fewer than
+    ``_LEVEL_MIN_IMAGES`` images or a level that is not positive and finite (no
+    logarithm).
     """
     slopes = np.zeros(2)
-    spread = np.ptp(log_magnifications, axis=0)
-    varies = spread > _LEVEL_MIN_SPREAD
-    if len(levels) < _LEVEL_MIN_IMAGES or not varies.any() or not np.all(np.isfinite(levels) & (levels > 0)):
+    if len(levels) < _LEVEL_MIN_IMAGES or not np.all(np.isfinite(levels) & (levels > 0)):
         return slopes
-    design = np.column_stack([np.ones(len(levels)), log_magnifications[:, varies]])
-    coef = np.linalg.lstsq(design, np.log(levels), rcond=None)[0]
-    slopes[varies] = coef[1:]
-    return slopes
+    centred = np.asarray(log_magnifications, dtype=np.float64)
+    centred = centred - centred.mean(axis=0)
+    directions = np.linalg.svd(centred, full_matrices=False)[2]  # rows: principal directions
+    along = centred @ directions.T
+    spans = np.ptp(along, axis=0) > _LEVEL_MIN_SPREAD
+    if not spans.any():
+        return slopes
+    design = np.column_stack([np.ones(len(levels)), along[:, spans]])
+    coef = np.linalg.lstsq(design, np.log(levels), rcond=None)[0][1:]
+    return directions[spans].T @ coef
 
 
 def _to_image_resolution(amap, image_shape, resize_shape, crop_box):
@@ -515,7 +524,10 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         over). With ``True``, the fit learns from the training images'
         leave-one-out maps how the median of a normal map varies with the
         magnification along the height and the width (a power law, by least
-        squares on logarithms), and every map is divided by the level so
+        squares on logarithms, only along directions in which the training
+        images' magnifications spread: images of one aspect ratio at several
+        sizes learn one slope for both axes), and every map is divided by the
+        level so
         expected for its image, magnifications outside the training images'
         range taken at its edge. It changes nothing when the training images
         all have one size (or fewer than 10 images, or sizes that vary by
@@ -660,6 +672,11 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         self.compact = compact
         self.random_state = random_state
 
+    def __setstate__(self, state):
+        # Pickled before size_calibration existed: fitted without it.
+        state.setdefault("size_calibration", False)
+        super().__setstate__(state)
+
     # -- batches of embeddings -------------------------------------------------
     def _embedding_batches(self, X, extractor, channels=None):
         """Yield PatchEmbeddings batch by batch, from images or from embeddings;
@@ -678,6 +695,13 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                         f"X: this detector was fitted on patch embeddings ({self.n_features_in_} "
                         f"channels), so it can only score embeddings, not images; a plain array "
                         f"of shape {X.shape} reads as {X.shape[1]} channels."
+                    )
+                if np.any(getattr(self, "level_slopes_", 0)):
+                    raise ValueError(
+                        "X: a plain array of embeddings carries no image sizes, and this detector "
+                        "scales each map by its image's size (size_calibration, learnt from the "
+                        "sizes its training embeddings carried); pass PatchEmbeddings with their "
+                        "image_shapes (np.concatenate drops them)."
                     )
                 # A plain array (np.concatenate of PatchEmbeddings gives one) is
                 # read on the frame of the training embeddings, so that its maps,
@@ -805,25 +829,15 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         # The threshold is set on leave-one-out scores: in-sample ones are too
         # optimistic (see _leave_one_out_distances). Images and patches left out
         # by trim are scored as they are.
-        n_images = len(in_fit)
-        low, high = fitted.log_magnification_range_
-        calibrate = (self.size_calibration and n_images - len(fitted.trimmed_indices_) >= _LEVEL_MIN_IMAGES
-                     and bool(np.any(high - low > _LEVEL_MIN_SPREAD)))  # fmt: skip
-        if not calibrate:
+        normal = np.ones(len(in_fit), dtype=bool)
+        normal[fitted.trimmed_indices_] = False  # the suspects teach nothing about normal levels
+        if not fitted._calibrates(int(normal.sum())):
             train_scores = fitted._score_samples(X, in_fit)
         else:
             # One pass gives the uncalibrated scores and each map's median; the
             # calibration divides a whole map, hence its score, by one number.
-            scores, medians, magnifications = [], [], []
-            for maps, emb in fitted._iter_maps(X, in_fit):
-                scores.append(_image_scores_from_maps(maps, self.image_score).cpu().numpy())
-                medians.append(maps.flatten(1).median(dim=1).values.cpu().numpy())
-                magnifications.append(_log_magnifications(emb))
-            scores, medians, magnifications = (np.concatenate(a).astype(np.float64)
-                                               for a in (scores, medians, magnifications))  # fmt: skip
-            normal = np.ones(n_images, dtype=bool)
-            normal[fitted.trimmed_indices_] = False  # the suspects teach nothing about normal levels
-            fitted.level_slopes_ = _fit_level_slopes(magnifications[normal], medians[normal])
+            scores, medians, magnifications = fitted._level_pass(X, in_fit)
+            fitted._learn_levels(magnifications[normal], medians[normal])
             train_scores = -scores / fitted._normal_levels(magnifications)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         self._adopt(fitted)
@@ -890,10 +904,23 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             # positions, which hides it from an in-sample score; each half is
             # therefore scored by the Gaussian of the other half, and the n_trim
             # images with the worst of these out-of-fold scores are left out.
-            scores = np.empty(n_images)
+            # Images magnified more score higher all over: with size_calibration
+            # the out-of-fold scores are calibrated too (by a fit on all of them,
+            # suspects included, as they are not known yet), so that the sizes of
+            # the images do not decide which ones are left out.
+            calibrate = fitted._calibrates(n_images)
+            scores, medians, magnifications = np.empty(n_images), np.empty(n_images), np.empty((n_images, 2))
             for half, other in ((halves[0], gaussian_b), (halves[1], gaussian_a)):
                 fitted.gaussian_ = other
-                scores[half] = fitted.score_samples(_take_images(X, half))
+                if calibrate:
+                    scores[half], medians[half], magnifications[half] = fitted._level_pass(
+                        _take_images(X, half))
+                else:
+                    scores[half] = -fitted.score_samples(_take_images(X, half))
+            if calibrate:
+                scores /= fitted._learn_levels(magnifications, medians)
+                fitted.level_slopes_ = np.zeros(2)  # the final fit learns its own
+            scores = -scores
             fitted.gaussian_ = gaussian_a = gaussian_b = None  # free them before the refit
             order = np.argsort(scores, kind="stable")
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
@@ -1002,6 +1029,31 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 levels = self._normal_levels(_log_magnifications(emb))
                 maps = maps / torch.as_tensor(levels, dtype=maps.dtype, device=maps.device)[:, None, None]
             yield maps, emb
+
+    def _calibrates(self, n_images):
+        """Whether a fit on ``n_images`` normal images with the magnifications of
+        ``log_magnification_range_`` learns a size calibration."""
+        low, high = self.log_magnification_range_
+        return bool(self.size_calibration and n_images >= _LEVEL_MIN_IMAGES
+                    and np.any(high - low > _LEVEL_MIN_SPREAD))
+
+    def _level_pass(self, X, in_fit=None):
+        """``(anomaly scores, map medians, log magnifications)`` of X's images in
+        one pass, with the maps as they are (uncalibrated while ``level_slopes_``
+        is zero); ``in_fit`` as for :meth:`_iter_distances`."""
+        scores, medians, magnifications = [], [], []
+        for maps, emb in self._iter_maps(X, in_fit):
+            scores.append(_image_scores_from_maps(maps, self.image_score).cpu().numpy())
+            medians.append(maps.flatten(1).median(dim=1).values.cpu().numpy())
+            magnifications.append(_log_magnifications(emb))
+        return tuple(np.concatenate(a).astype(np.float64) for a in (scores, medians, magnifications))
+
+    def _learn_levels(self, magnifications, medians):
+        """Set ``level_slopes_`` and the range from these images' magnifications and
+        map medians; return their relative normal levels."""
+        self.log_magnification_range_ = np.stack([magnifications.min(axis=0), magnifications.max(axis=0)])
+        self.level_slopes_ = _fit_level_slopes(magnifications, medians)
+        return self._normal_levels(magnifications)
 
     def _normal_levels(self, log_magnifications):
         """The level of a normal map, relative, at each log magnification (n, 2)
