@@ -527,9 +527,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         squares on logarithms, only along directions in which the training
         images' magnifications spread: images of one aspect ratio at several
         sizes learn one slope for both axes), and every map is divided by the
-        level so
-        expected for its image, magnifications outside the training images'
-        range taken at its edge. It changes nothing when the training images
+        level so expected for its image, magnifications outside the training
+        images' range taken at its edge. It changes nothing when the training images
         all have one size (or fewer than 10 images, or sizes that vary by
         less than 5%): ``level_slopes_`` is then zero.
     contamination : float in (0, 0.5], default=0.01
@@ -600,7 +599,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         ``centre`` that range's middle. Zero: no calibration.
     log_magnification_range_ : ndarray of shape (2, 2)
         Smallest (first row) and largest (second row) log magnification of the
-        training images along the height and the width.
+        training images along the height and the width (of those the
+        calibration learnt from: without the images ``trim`` left out).
     fitted_on_embeddings_ : bool
         True when ``fit`` received patch embeddings rather than images.
 
