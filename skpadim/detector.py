@@ -920,9 +920,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             if calibrate:
                 scores /= fitted._learn_levels(magnifications, medians)
                 fitted.level_slopes_ = np.zeros(2)  # the final fit learns its own
-            scores = -scores
             fitted.gaussian_ = gaussian_a = gaussian_b = None  # free them before the refit
-            order = np.argsort(scores, kind="stable")
+            order = np.argsort(-scores, kind="stable")  # (anomaly scores: the worst first)
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
             kept = _take_images(X, np.sort(order[n_trim:]))
             gaussian = self._fit_gaussian(kept, extractor, channels, like=first)[0]
