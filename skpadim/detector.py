@@ -531,6 +531,22 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         images' range taken at its edge. It changes nothing when the training images
         all have one size (or fewer than 10 images, or sizes that vary by
         less than 5%): ``level_slopes_`` is then zero.
+    localization : {"auto", "frame", "tiled"}, default="auto"
+        Where the anomaly maps come from. ``"frame"``: from the Gaussians that
+        score the images, each image resized onto the frame. ``"tiled"``: from
+        a second set of Gaussians, fitted on windows of the training images
+        all resized by one factor (a :class:`~skpadim.TiledDetector` around
+        this detector's settings, its windows' shorter side the frame's, their
+        proportions the training images' median ones), so that a defect keeps its
+        size in pixels whatever the size of its image; the image scores, and
+        so ``predict`` and ``offset_``, still come from the frame, which sees
+        the whole part at once. ``"auto"``: ``"tiled"`` when the training
+        images' sizes differ by more than 5% along a side, else ``"frame"``
+        (images of one size give both nearly the same pixels); also
+        ``"frame"`` when fitted on embeddings or with ``trim_by="patch"``
+        (whose trimming acts on the frame's patches). The second set costs
+        one more pass over the training images, about as much memory as the
+        first, and the windows' backbone passes for every map.
     contamination : float in (0, 0.5], default=0.01
         Expected fraction of anomalous images, used to place the decision
         threshold: ``offset_`` is the ``contamination`` quantile of the training
@@ -601,6 +617,10 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         Smallest (first row) and largest (second row) log magnification of the
         training images along the height and the width (of those the
         calibration learnt from: without the images ``trim`` left out).
+    localizer_ : TiledDetector or None
+        The fitted detector the maps come from (``localization``), fitted on
+        the training images that ``trim`` kept; None when they come from the
+        frame. It serves maps only: its thresholds (``offset_``) are NaN.
     fitted_on_embeddings_ : bool
         True when ``fit`` received patch embeddings rather than images.
 
@@ -630,6 +650,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         "sigma": [Interval(numbers.Real, 0, None, closed="left")],
         "image_score": [StrOptions({"max"}), Interval(numbers.Real, 0, 1, closed="right")],
         "size_calibration": ["boolean"],
+        "localization": [StrOptions({"auto", "frame", "tiled"})],
         "trim": [Interval(numbers.Real, 0, 0.5, closed="left")],
         "trim_by": [StrOptions({"patch", "image"})],
         "contamination": [Interval(numbers.Real, 0, 0.5, closed="right")],
@@ -649,6 +670,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         sigma=4.0,
         image_score=0.01,
         size_calibration=True,
+        localization="auto",
         contamination=0.01,
         trim=0.0,
         trim_by="image",
@@ -664,6 +686,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         self.sigma = sigma
         self.image_score = image_score
         self.size_calibration = size_calibration
+        self.localization = localization
         self.contamination = contamination
         self.trim = trim
         self.trim_by = trim_by
@@ -673,8 +696,11 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         self.random_state = random_state
 
     def __setstate__(self, state):
-        # Pickled before size_calibration existed: fitted without it.
+        # Pickled before size_calibration or localization existed: fitted without them.
         state.setdefault("size_calibration", False)
+        state.setdefault("localization", "frame")
+        if "offset_" in state:
+            state.setdefault("localizer_", None)
         super().__setstate__(state)
 
     # -- batches of embeddings -------------------------------------------------
@@ -796,6 +822,11 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         extractor = getattr(self, "feature_extractor_", None)
         if "feature_extractor__device" in params and "device" in getattr(extractor, "get_params", dict)():
             extractor.set_params(device=params["feature_extractor__device"])
+        localizer = getattr(self, "localizer_", None)
+        devices = {key: value for key, value in params.items()
+                   if key in ("device", "feature_extractor__device")}  # fmt: skip
+        if localizer is not None and devices:
+            localizer.detector_.set_params(**devices)  # (its extractor is its own clone, never None)
         return self
 
     # -- fit -------------------------------------------------------------------
@@ -808,8 +839,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             Training images of normal parts: ``(n, H, W, 3)`` or ``(n, H, W)``
             uint8 or float in [0, 1], a tensor ``(n, 3, H, W)``, or a list of
             image paths or arrays (sizes may differ); or their embeddings. ``X``
-            is read twice (statistics, then the threshold), so it must be a
-            sequence, not a one-shot iterator.
+            is read twice (statistics, then the threshold; once more for the
+            ``localization`` Gaussians), so it must be a sequence, not a
+            one-shot iterator.
         y : array-like of shape (n_images,), masks, or None, default=None
             Optional labels: 0 normal / 1 anomalous (False / True for
             booleans), or scikit-learn's outlier convention +1 normal / -1
@@ -840,8 +872,34 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             fitted._learn_levels(magnifications[normal], medians[normal])
             train_scores = -scores / fitted._normal_levels(magnifications)
         fitted.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        if fitted._localizes():
+            fitted.localizer_ = fitted._fit_localizer(
+                X if normal.all() else _take_images(X, np.flatnonzero(normal)))
         self._adopt(fitted)
         return self
+
+    def _localizes(self):
+        """Whether this fitted detector's maps come from a localizer (see ``localization``)."""
+        if self.localization == "frame" or self.fitted_on_embeddings_:
+            return False
+        if self.localization == "tiled":
+            return True
+        low, high = self.log_magnification_range_
+        return bool(np.any(high - low > _LEVEL_MIN_SPREAD) and not (self.trim and self.trim_by == "patch"))
+
+    def _fit_localizer(self, X):
+        """The localizer (``localizer_``) fitted on the normal images X."""
+        from .tiling import TiledDetector  # (tiling builds on this module)
+
+        # The same settings on windows of one size: nothing to calibrate, and
+        # the images left out by trim are left out of X already.
+        inner = clone(self).set_params(localization="frame", size_calibration=False, trim=0.0)
+        # Its windows' shorter side is the frame's, the resolution this detector was given.
+        localizer = TiledDetector(inner, short_side=min(self.input_shape_))._fit_windows(X)[0]
+        # The scores and their threshold are the frame's: the localizer's own
+        # thresholds would cost another pass over the training windows.
+        localizer.offset_ = localizer.detector_.offset_ = float("nan")
+        return localizer
 
     def _fit_gaussians(self, X, y=None):
         """All of :meth:`fit` but the threshold pass.
@@ -855,6 +913,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         resolve_device(self.device)  # a bad or absent device fails before any image is read
         if hasattr(self, "gaussian_"):  # the previous model's copy on a GPU is not kept through a refit
             self.gaussian_._release_device_memory()
+            if getattr(self, "localizer_", None) is not None:
+                self.localizer_.detector_.gaussian_._release_device_memory()
         X, n_images = _normal_training_images(X, y)
         if self.pooling % 2 == 0:
             raise ValueError(
@@ -862,6 +922,13 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
                 f"{self.pooling}."
             )
         on_embeddings = isinstance(X, PatchEmbeddings)
+        if self.localization == "tiled" and (on_embeddings or (self.trim and self.trim_by == "patch")):
+            raise ValueError(
+                "localization='tiled' fits Gaussians on windows of the training images, "
+                + ("so it needs the images, not their embeddings" if on_embeddings else
+                   "which trim_by='patch' cannot trim (its patches are the frame's)")
+                + "; use localization='auto' or 'frame'."
+            )
         if on_embeddings:
             extractor = None
         else:
@@ -898,6 +965,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         fitted.log_magnification_range_ = np.stack([magnifications.min(axis=0), magnifications.max(axis=0)])
         fitted.level_slopes_ = np.zeros(2)  # no calibration until fit learns one
         fitted.offset_ = 0.0  # provisional: the scoring passes below use it
+        fitted.localizer_ = None  # (fit adds one, after the threshold pass)
         fitted.trimmed_indices_ = np.array([], dtype=np.intp)
         if trimming and self.trim_by == "image":
             # A defective training image is learnt as normal at its defect's
@@ -1136,6 +1204,14 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         """
         # Checked now, not at the first next(): a generator runs nothing until then.
         check_is_fitted(self, "offset_")
+        if getattr(self, "localizer_", None) is not None:
+            if isinstance(X, PatchEmbeddings):
+                raise ValueError(
+                    "X: this detector's maps come from Gaussians fitted on windows of the "
+                    "training images (localization), which embeddings cannot be cut into; "
+                    "pass the images, or fit with localization='frame'."
+                )
+            return self.localizer_.iter_anomaly_maps(X)
         return (
             _to_image_resolution(amap, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
             for maps, emb in self._iter_maps(X)

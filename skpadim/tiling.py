@@ -167,7 +167,8 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         has that parameter. ``image_score`` and ``contamination`` are read from
         it: a fractional ``image_score`` ``f`` averages the highest
         ``f * window area`` values of each image's map, so that a defect weighs
-        the same in a small image as in a large one. Its ``trim`` must be 0.
+        the same in a small image as in a large one. Its ``trim`` must be 0;
+        its ``localization`` is set to ``"frame"`` (the windows' maps are its own).
     short_side : int, default=224
         Pixels that the training images' median shorter side is resized to; it
         sets the one resize factor ``scale_`` of all images. With
@@ -285,6 +286,27 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         _check_not_embeddings(X)
         # Its detector checks the windows' number; two images may hold many.
         X, _ = _normal_training_images(X, y, minimum=(2, " to estimate a distribution"))
+        fitted, windows, layouts, in_fit = self._fit_windows(X)
+        # One pass of leave-one-out scores sets both thresholds: the detector's
+        # on windows (as its own fit would) and this one's on whole images.
+        detector = fitted.detector_
+        window_scores = []
+        scores = [-fitted._image_score(amap)
+                  for amap in fitted._stitched_maps(windows, layouts, in_fit, window_scores)]  # fmt: skip
+        detector.offset_ = float(np.percentile(np.concatenate(window_scores), 100.0 * detector.contamination))
+        fitted.offset_ = float(np.percentile(scores, 100.0 * detector.contamination))
+        self._adopt(fitted)
+        return self
+
+    def _fit_windows(self, X):
+        """All of :meth:`fit` but the threshold pass, on the normal images X.
+
+        Returns ``(fitted, windows, layouts, in_fit)``: a clone of self with
+        ``detector_``, ``scale_``, ``window_`` and ``n_windows_`` set (its
+        thresholds not), the training windows and their layouts, and the
+        ``in_fit`` flags of the windows' patches for leave-one-out scores.
+        Self is left unchanged.
+        """
         detector = clone(self.detector) if self.detector is not None else PatchGaussianDetector()
         detector._validate_params()  # its own errors first, named as its own
         if detector.trim:
@@ -314,7 +336,8 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
             )
         if "image_size" in params:
             extractor = clone(extractor).set_params(image_size=window)
-        detector.set_params(feature_extractor=extractor)
+        # The windows' maps are the detector's own (a localizer inside would cut them again).
+        detector.set_params(feature_extractor=extractor, localization="frame")
         layouts = [_Layout(shape, scale, window) for shape in shapes]
         windows = _Windows(X, layouts)
         if len(windows) < _LEAVE_ONE_OUT[0]:
@@ -329,15 +352,7 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
         fitted = clone(self)  # assembled aside: a failing fit leaves self as it was
         fitted.detector_, fitted.scale_, fitted.window_ = detector, scale, tuple(window)
         fitted.n_windows_ = len(windows)
-        # One pass of leave-one-out scores sets both thresholds: the detector's
-        # on windows (as its own fit would) and this one's on whole images.
-        window_scores = []
-        scores = [-fitted._image_score(amap)
-                  for amap in fitted._stitched_maps(windows, layouts, in_fit, window_scores)]  # fmt: skip
-        detector.offset_ = float(np.percentile(np.concatenate(window_scores), 100.0 * detector.contamination))
-        fitted.offset_ = float(np.percentile(scores, 100.0 * detector.contamination))
-        self._adopt(fitted)
-        return self
+        return fitted, windows, layouts, in_fit
 
     # -- maps and scores -----------------------------------------------------
     def _stitched_maps(self, windows, layouts, in_fit=None, window_scores=None):

@@ -1121,9 +1121,11 @@ def test_size_calibration_divides_each_map_by_its_expected_level(tiny_extractor)
     # A test image wider than any training image (66 px against 62, within the
     # proportions allowed): its level is that of the range's edge.
     Xt.append(np.ascontiguousarray(np.concatenate([Xt[0]] * 3, axis=1)[:, :66]))
-    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    # (The frame's maps: with images of several sizes the defaults take their maps
+    # from windows at one scale, which need no calibration.)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, localization="frame").fit(X)
     plain = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
-                                  size_calibration=False).fit(X)
+                                  size_calibration=False, localization="frame").fit(X)
     assert not plain.level_slopes_.any()
     assert abs(det.level_slopes_[0]) < 1e-12 and det.level_slopes_[1] != 0  # only the widths vary
     heights, widths = np.array([x.shape[0] for x in X]), np.array([x.shape[1] for x in X])
@@ -1229,3 +1231,95 @@ def test_detector_pickled_before_size_calibration_still_works(normal_images, tin
     assert old.get_params()["size_calibration"] is False
     np.testing.assert_array_equal(old.score_samples(normal_images[:3]), det.score_samples(normal_images[:3]))
     assert clone(old).fit(normal_images).size_calibration is False
+
+
+# -- localization -------------------------------------------------------------
+def test_maps_of_mixed_sizes_come_from_windows_at_one_scale(tiny_extractor):
+    # Images of varied widths: the scores (and threshold) are the frame's, the
+    # maps those of a TiledDetector of the same settings fitted on the same images.
+    X, Xt = _varied_widths(16, seed=0), _varied_widths(4, seed=1)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    frame = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, localization="frame").fit(X)
+    assert isinstance(det.localizer_, TiledDetector) and frame.localizer_ is None
+    np.testing.assert_array_equal(det.score_samples(Xt), frame.score_samples(Xt))
+    assert det.offset_ == frame.offset_
+    np.testing.assert_array_equal(det.predict(Xt), frame.predict(Xt))
+    tiled = TiledDetector(PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
+                                                size_calibration=False),
+                          short_side=min(det.input_shape_)).fit(X)
+    assert det.localizer_.window_ == tiled.window_ and det.localizer_.scale_ == tiled.scale_
+    maps = zip(det.anomaly_maps(Xt), tiled.anomaly_maps(Xt), frame.anomaly_maps(Xt), Xt)
+    for ours, theirs, framed, x in maps:
+        assert ours.shape == x.shape[:2]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(ours, framed)
+    assert np.isnan(det.localizer_.offset_)  # it serves maps only
+    # A refit on images of one size drops it.
+    assert clone(det).fit(textured_images(12, seed=2)).localizer_ is None
+
+
+def test_maps_of_one_size_stay_the_frames(tiny_extractor, normal_images, test_images):
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(normal_images)
+    frame = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
+                                  localization="frame").fit(normal_images)
+    assert det.localizer_ is None
+    np.testing.assert_array_equal(det.anomaly_maps(test_images), frame.anomaly_maps(test_images))
+    # Asked for, the windows serve the maps of images of one size too.
+    tiled = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
+                                  localization="tiled").fit(normal_images)
+    assert tiled.localizer_.window_ == (32, 32)
+    np.testing.assert_array_equal(tiled.score_samples(test_images), frame.score_samples(test_images))
+    assert tiled.anomaly_maps(test_images).shape == test_images.shape[:3]
+    with pytest.raises(ValueError, match="localization"):
+        PatchGaussianDetector(localization="windows").fit(normal_images)
+
+
+def test_localizer_learns_from_the_images_trim_keeps(tiny_extractor):
+    X, Xt = _varied_widths(20, seed=0), _varied_widths(3, seed=1)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, trim=0.1).fit(X)
+    kept = np.setdiff1d(np.arange(20), det.trimmed_indices_)
+    assert len(kept) == 18
+    tiled = TiledDetector(PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0,
+                                                size_calibration=False),
+                          short_side=min(det.input_shape_)).fit([X[i] for i in kept])
+    assert det.localizer_.n_windows_ == tiled.n_windows_
+    for ours, theirs in zip(det.anomaly_maps(Xt), tiled.anomaly_maps(Xt)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # Trimming patches acts on the frame's patches: maps then stay the frame's.
+    by_patch = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0, trim=0.1,
+                                     trim_by="patch").fit(X)
+    assert by_patch.localizer_ is None
+    with pytest.raises(ValueError, match="trim_by='patch'"):
+        clone(by_patch).set_params(localization="tiled").fit(X)
+
+
+def test_localized_maps_need_images(tiny_extractor):
+    X = _varied_widths(12, seed=0)
+    emb = clone(tiny_extractor).fit(X).transform(X)
+    on_embeddings = PatchGaussianDetector(n_features=8, random_state=0).fit(emb)
+    assert on_embeddings.localizer_ is None
+    with pytest.raises(ValueError, match="needs the images, not their embeddings"):
+        PatchGaussianDetector(n_features=8, localization="tiled").fit(emb)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    assert det.score_samples(emb[:2]).shape == (2,)  # scores come from the frame
+    with pytest.raises(ValueError, match="embeddings cannot be cut into"):
+        det.anomaly_maps(emb[:2])
+
+
+def test_localizer_moves_with_the_device_and_survives_pickling(tiny_extractor):
+    X = _varied_widths(12, seed=0)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    det.set_params(device="cpu", feature_extractor__device="cpu")
+    assert det.localizer_.detector_.device == "cpu"
+    assert det.localizer_.detector_.gaussian_.device == "cpu"
+    assert det.localizer_.detector_.feature_extractor_.device == "cpu"
+    import pickle
+
+    again = pickle.loads(pickle.dumps(det))
+    np.testing.assert_array_equal(again.anomaly_maps(X[:2])[0], det.anomaly_maps(X[:2])[0])
+    # A detector pickled before localization existed kept its maps on the frame.
+    state = det.__getstate__()
+    del state["localization"], state["localizer_"]
+    old = PatchGaussianDetector.__new__(PatchGaussianDetector)
+    old.__setstate__(state)
+    assert old.get_params()["localization"] == "frame" and old.localizer_ is None
