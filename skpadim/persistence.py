@@ -38,19 +38,23 @@ __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 
 # 2: compact models store their factors' lower triangles in float16
 # ("cholesky_lower"). 3: a TiledDetector, its detector as before plus a "tiled"
-# section. Other models are still written as version 1, which every release reads.
+# section. 4: a detector with a localizer (``localization``): a "localizer"
+# section that describes it as version 3 does a TiledDetector, its arrays under
+# "localizer/". Other models are still written as version 1, which every release reads.
 #: Newest version of the file layout: :func:`~skpadim.save` writes the oldest one
 #: that can hold the model, :func:`~skpadim.load` refuses newer ones.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _MAGIC = "skpadim-detector"
 
 _DETECTOR_PARAMS = ("n_features", "shrinkage", "pooling", "sigma", "image_score", "size_calibration",
-                    "contamination", "trim", "trim_by", "batch_size", "device", "compact", "random_state")
+                    "localization", "contamination", "trim", "trim_by", "batch_size", "device", "compact",
+                    "random_state")
 # Files written before these parameters existed were fitted with the paper's
-# recipe, or (trim_by) trimmed whole images, or without a size calibration,
-# which is what these values give back.
-_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "size_calibration": False, "trim": 0.0,
-                             "trim_by": "image"}
+# recipe, or (trim_by) trimmed whole images, or without a size calibration, or
+# with maps from the frame, which is what these values give back.
+_DETECTOR_PARAM_FALLBACKS = {"pooling": 1, "image_score": "max", "size_calibration": False,
+                             "localization": "frame", "trim": 0.0, "trim_by": "image"}
+_LOCALIZER_PREFIX = "localizer/"
 _EXTRACTOR_PARAMS = ("backbone", "layers", "weights", "download", "image_size", "crop_size", "mean", "std",
                      "batch_size", "device")
 _FITTED_KEYS = ("offset", "n_features_in", "input_shape", "aspect_range", "fitted_on_embeddings",
@@ -174,20 +178,7 @@ def save(model, path):
         )
     if not hasattr(model, "offset_"):
         raise ValueError("save expects a fitted detector; call fit first.")
-    _check_exact_type(model)
-    if isinstance(model, TiledDetector):
-        _check_exact_type(model.detector_)
-        arrays, config = _contents(model.detector_)
-        config["format_version"] = 3
-        config["tiled"] = {
-            "params": {"detector": _template(model.detector),
-                       "short_side": _jsonable(model.short_side, "short_side"),
-                       "window": _jsonable(model.window, "window")},
-            "fitted": {"scale": float(model.scale_), "window": list(model.window_),
-                       "n_windows": int(model.n_windows_), "offset": float(model.offset_)},
-        }  # fmt: skip
-    else:
-        arrays, config = _contents(model)
+    arrays, config = _description(model)
     config["sha256"] = _digest(arrays)
     config["sha256_config"] = _config_digest(config, config["sha256"])
     arrays["config"] = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
@@ -207,6 +198,30 @@ def save(model, path):
 
     _write_atomically(path, write)
     return path
+
+
+def _description(model):
+    """The arrays and the description (without digests) of a fitted detector."""
+    _check_exact_type(model)
+    if isinstance(model, TiledDetector):
+        _check_exact_type(model.detector_)
+        arrays, config = _contents(model.detector_)
+        config["format_version"] = 3
+        config["tiled"] = {
+            "params": {"detector": _template(model.detector),
+                       "short_side": _jsonable(model.short_side, "short_side"),
+                       "window": _jsonable(model.window, "window")},
+            # (A localizer's offsets are NaN: it serves maps only.)
+            "fitted": {"scale": float(model.scale_), "window": list(model.window_),
+                       "n_windows": int(model.n_windows_), "offset": float(model.offset_)},
+        }  # fmt: skip
+        return arrays, config
+    arrays, config = _contents(model)
+    if getattr(model, "localizer_", None) is not None:
+        local_arrays, config["localizer"] = _description(model.localizer_)
+        config["format_version"] = 4
+        arrays.update({_LOCALIZER_PREFIX + key: value for key, value in local_arrays.items()})
+    return arrays, config
 
 
 def _write_atomically(path, write, suffix=".tmp"):
@@ -368,6 +383,12 @@ def _check(config, arrays, path):
             f"{str(path)!r}: the model description does not match the digest recorded when "
             "the file was written; the file was altered or damaged."
         )
+    _check_model(config, arrays, path, version)
+
+
+def _check_model(config, arrays, path, version, maps_only=False):
+    """A model's description and arrays (of a version-``version`` layout), and
+    those of its localizer; ``maps_only``: it is a localizer, whose offsets are NaN."""
     # A file can match its digests and still lack entries (written by hand or by
     # another tool): say what is missing rather than fail on it later.
     for section in ("detector", "fitted", "extractor"):
@@ -387,15 +408,19 @@ def _check(config, arrays, path):
             TorchvisionExtractor(**_extractor_params(config["extractor_param"]))._validate_params()
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{str(path)!r}: invalid extractor_param: {exc}") from exc
-    if (config.get("tiled") is not None) != (version >= 3):
-        raise ModelFileError(
-            f"{str(path)!r}: format version {version} "
-            + ("needs a 'tiled' section." if version >= 3 else "cannot hold a 'tiled' section.")
-        )
-    if version >= 3:
-        _check_tiled(config["tiled"], path)
+    # Version 3 describes a TiledDetector, 4 a detector with a localizer, which
+    # is described as version 3 describes a TiledDetector.
+    for section, holder in (("tiled", 3), ("localizer", 4)):
+        if (config.get(section) is not None) != (version == holder):
+            raise ModelFileError(
+                f"{str(path)!r}: format version {version} "
+                + (f"needs a {section!r} section." if version == holder
+                   else f"cannot hold a {section!r} section.")
+            )
+    if version == 3:
+        _check_tiled(config["tiled"], path, maps_only)
     _check_detector_values(config["detector"], path)
-    _check_fitted_values(config["fitted"], path)
+    _check_fitted_values(config["fitted"], path, maps_only)
     if "channel_indices" not in arrays:
         raise ModelFileError(f"{str(path)!r}: the array 'channel_indices' is missing.")
     fitted = config["fitted"]
@@ -430,10 +455,27 @@ def _check(config, arrays, path):
         raise ModelFileError(f"{str(path)!r}: channel_indices has dtype {idx.dtype}, not integers.")
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+    if version == 4:
+        _require(config["localizer"], ("format_version",), "localizer", path)
+        if config["localizer"]["format_version"] != 3:
+            raise ModelFileError(f"{str(path)!r}: the localizer is not described as format version 3.")
+        _check_model(config["localizer"], _localizer_arrays(arrays), path, 3, maps_only=True)
+
+
+def _localizer_arrays(arrays):
+    return {key[len(_LOCALIZER_PREFIX):]: value for key, value in arrays.items()
+            if key.startswith(_LOCALIZER_PREFIX)}  # fmt: skip
 
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _is_offset(value, maps_only):
+    """A threshold: a number, or NaN for a localizer (it serves maps only)."""
+    if maps_only:
+        return isinstance(value, float) and np.isnan(value)
+    return _is_number(value)
 
 
 def _is_count(value, least=1):
@@ -463,14 +505,14 @@ def _fitted_shrinkage(config):
     return config["fitted"].get("gaussian_shrinkage", config["detector"]["shrinkage"])
 
 
-def _check_fitted_values(fitted, path):
+def _check_fitted_values(fitted, path, maps_only=False):
     """The fitted scalars: of the types and ranges a fit gives them, so that a
     hand-edited file fails here and not while scoring."""
     def pair(value, valid):
         return isinstance(value, list) and len(value) == 2 and all(valid(v) for v in value)
 
     checks = {
-        "offset": _is_number(fitted["offset"]),
+        "offset": _is_offset(fitted["offset"], maps_only),
         "n_features_in": _is_count(fitted["n_features_in"]),
         "n_samples_seen": _is_count(fitted["n_samples_seen"]),
         "grid_shape": pair(fitted["grid_shape"], _is_count),
@@ -493,7 +535,7 @@ def _check_fitted_values(fitted, path):
         )
 
 
-def _check_tiled(tiled, path):
+def _check_tiled(tiled, path, maps_only=False):
     """The "tiled" section: its entries present, of the right types and only those
     a detector takes, so that a hand-edited file fails here and not while scoring."""
     _require(tiled, ("params", "fitted"), "tiled", path)
@@ -510,8 +552,9 @@ def _check_tiled(tiled, path):
         raise ModelFileError(
             f"{str(path)!r}: the tiled n_windows {fitted['n_windows']!r} is not a count of 2 or more."
         )
-    if not _is_number(fitted["offset"]):
-        raise ModelFileError(f"{str(path)!r}: the tiled offset {fitted['offset']!r} is not a number.")
+    if not _is_offset(fitted["offset"], maps_only):
+        raise ModelFileError(f"{str(path)!r}: the tiled offset {fitted['offset']!r} is not "
+                             + ("NaN, as a localizer's is." if maps_only else "a number."))
     template = tiled["params"]["detector"]
     if template is not None:
         _require(template, ("detector", "extractor"), "tiled detector", path)
@@ -603,6 +646,11 @@ def load(path):
     """
     config, arrays = _read(path)
     _check(config, arrays, path)
+    return _build(config, arrays, path)
+
+
+def _build(config, arrays, path):
+    """The fitted detector of a checked description and its arrays."""
     fitted = config["fitted"]
     params = {**_DETECTOR_PARAM_FALLBACKS, **config["detector"]}
     det = PatchGaussianDetector(**params)
@@ -643,6 +691,9 @@ def load(path):
     det.log_magnification_range_ = np.asarray(fitted.get("log_magnification_range", [[0.0, 0.0]] * 2),
                                               dtype=np.float64)  # fmt: skip
     det.fitted_on_embeddings_ = fitted["fitted_on_embeddings"]
+    det.localizer_ = None
+    if config.get("localizer") is not None:
+        det.localizer_ = _build(config["localizer"], _localizer_arrays(arrays), path)
     if config.get("tiled") is None:
         return det
     params, fitted = config["tiled"]["params"], config["tiled"]["fitted"]

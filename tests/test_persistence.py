@@ -569,6 +569,58 @@ def test_tampered_tiled_description_is_detected(fitted_tiled, tmp_path):
         load(path)
 
 
+@pytest.fixture(scope="module")
+def fitted_localized():
+    """A default-style detector on images of mixed sizes: its maps come from a localizer."""
+    det = PatchGaussianDetector(TorchvisionExtractor(image_size=(48, 64)), n_features=16, random_state=0)
+    return det.fit(_mixed_sizes(0)), _mixed_sizes(1)
+
+
+def test_detector_with_a_localizer_round_trips(fitted_localized, tmp_path):
+    det, X = fitted_localized
+    assert det.localizer_ is not None
+    path = save(det, tmp_path / "localized.npz")
+    loaded = load(path)
+    assert isinstance(loaded.localizer_, TiledDetector) and loaded.localization == "auto"
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+    for ours, theirs in zip(loaded.anomaly_maps(X), det.anomaly_maps(X)):
+        np.testing.assert_array_equal(ours, theirs)
+    assert (loaded.localizer_.scale_, loaded.localizer_.window_, loaded.localizer_.n_windows_) == (
+        det.localizer_.scale_, det.localizer_.window_, det.localizer_.n_windows_)
+    assert np.isnan(loaded.localizer_.offset_) and np.isnan(loaded.localizer_.detector_.offset_)
+    assert clone(loaded).get_params()["localization"] == "auto"
+    with np.load(path, allow_pickle=False) as archive:
+        config = json.loads(archive["config"].tobytes())
+        assert config["format_version"] == 4 and config["localizer"]["format_version"] == 3
+        assert any(key.startswith("localizer/backbone/") for key in archive.files)
+
+
+def _set_localizer(*keys, value):
+    def mutate(arrays, config):
+        section = config["localizer"]
+        for key in keys[:-1]:
+            section = section[key]
+        section[keys[-1]] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a, c: c.__setitem__("format_version", 1), "version 1 cannot hold a 'localizer'"),
+    (lambda a, c: c.__setitem__("format_version", 3), "version 3 needs a 'tiled'"),
+    (lambda a, c: c.pop("localizer"), "version 4 needs a 'localizer'"),
+    (_set_localizer("format_version", value=1), "localizer is not described as format version 3"),
+    (_set_localizer("tiled", "fitted", "offset", value=0.5), "tiled offset 0.5 is not NaN"),
+    (_set_localizer("fitted", "offset", value=1.0), "invalid offset: 1.0"),
+    (_set_localizer("tiled", "fitted", "scale", value=-1.0), "tiled scale -1.0 is not a positive"),
+    (lambda a, c: a.pop("localizer/location"), "the array 'location' is missing"),
+])
+def test_invalid_localizer_entries_are_refused(fitted_localized, tmp_path, mutate, message):
+    path = save(fitted_localized[0], tmp_path / "m.npz")
+    _rewrite(path, mutate, redigest=True)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
 def test_doctests():
     result = doctest.testmod(skpadim.persistence)
     assert result.attempted > 0 and result.failed == 0
