@@ -61,7 +61,7 @@ import _common as common  # noqa: E402
 
 # Changes from the defaults, one per ablation; "paper" is the full recipe.
 PAPER = {"image_size": 224, "n_features": 100, "shrinkage": 0.01, "pooling": 1, "image_score": "max",
-         "size_calibration": False}
+         "size_calibration": False, "localization": "frame"}
 CONFIGS = {
     "paper": PAPER,
     "defaults": {},
@@ -80,6 +80,9 @@ CONFIGS = {
     "no-pooling": {"pooling": 1},
     "score-max": {"image_score": "max"},
     "no-size-calibration": {"size_calibration": False},
+    # Maps from the frame's Gaussians, as the scores (the defaults take them from
+    # Gaussians on windows at one pixel scale when image sizes differ).
+    "frame-maps": {"localization": "frame"},
     "sigma-2": {"sigma": 2.0},
     "sigma-8": {"sigma": 8.0},
     # The paper's recipe with ImageNet's mean and std instead of the Lite
@@ -216,10 +219,14 @@ def worker(cfg):
                 scores.append([det._image_score(amap)])
                 maps.append(_resized(amap, shape).numpy())
         else:
+            localized = det.localizer_ is not None  # maps from its windows, scores from the frame
             for frame_maps, emb in det._iter_maps(cfg["test_paths"]):
                 scores.append(_image_scores_from_maps(frame_maps, det.image_score).cpu().numpy())
-                maps += [_to_image_resolution(m, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
-                         for m, shape in zip(frame_maps, emb.image_shapes)]  # fmt: skip
+                if not localized:
+                    maps += [_to_image_resolution(m, shape, emb.resize_shape, emb.crop_box).cpu().numpy()
+                             for m, shape in zip(frame_maps, emb.image_shapes)]  # fmt: skip
+            if localized:
+                maps = list(det.iter_anomaly_maps(cfg["test_paths"]))
     scores = np.concatenate(scores).astype(np.float64)
     head = cfg["test_paths"][:4]
     np.testing.assert_allclose(-det.score_samples(head), scores[:4], rtol=1e-6)
@@ -245,6 +252,9 @@ def worker(cfg):
               "trimmed_defective": int(np.sum(inner.trimmed_indices_ >= cfg["n_clean_train"]))}  # fmt: skip
     if tiled:
         result.update(scale=det.scale_, n_windows=det.n_windows_)
+    elif det.localizer_ is not None:
+        result.update(scale=det.localizer_.scale_, n_windows=det.localizer_.n_windows_,
+                      window=list(det.localizer_.window_))
     # predict() at the threshold fit set from contamination (0.01): the good
     # test images it rejects and the defective ones it catches, in %.
     flagged = -scores < det.offset_
