@@ -1,6 +1,7 @@
 """Where the pixel AUROC is lost: which normal pixels outscore the defects.
 
-Fits ``PatchGaussianDetector()`` (the defaults) on ``train/good`` of an
+Fits ``PatchGaussianDetector(localization="frame")`` (the defaults, their maps
+taken from the frame that scores the images) on ``train/good`` of an
 MVTec-layout category and takes its anomaly maps of the test images at their own
 resolution. The pixel AUROC pits every defect pixel against every normal pixel;
 this script splits the normal pixels into groups and gives the AUROC of the
@@ -180,7 +181,9 @@ def main(argv=None):
     test = frame[frame.split == "test"].reset_index(drop=True)
     if args.max_train:
         train = train.iloc[common.spread_over_aspects(train.path, args.max_train)]
-    det = PatchGaussianDetector(random_state=args.seed)
+    # The frame's maps, whose levels follow each image's magnification onto the
+    # frame (the defaults take their maps from windows when image sizes differ).
+    det = PatchGaussianDetector(random_state=args.seed, localization="frame")
     det = (TiledDetector(det) if args.tiled else det).fit(train.path.tolist())
     maps = list(det.anomaly_maps(test.path.tolist()))
     scores = -det.score_samples(test.path.tolist())
