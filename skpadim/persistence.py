@@ -93,6 +93,8 @@ def _jsonable(value, name):
         # Written as its name ("IMAGENET1K_V1"), which the extractor reads as the
         # same weights; the file holds the weights themselves anyway.
         return value.name
+    if isinstance(value, np.bool_):  # (size_calibration, compact: validation accepts numpy's)
+        return bool(value)
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

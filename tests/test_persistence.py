@@ -427,6 +427,15 @@ def test_files_without_the_fitted_settings_load_as_before(fitted_emb, tmp_path):
     assert loaded.size_calibration is False and not loaded.level_slopes_.any()
 
 
+def test_numpy_bools_are_saved_as_bools(tmp_path):
+    emb = PatchEmbeddings(np.random.RandomState(0).rand(12, 6, 3, 3).astype(np.float32))
+    det = PatchGaussianDetector(n_features=4, random_state=0, size_calibration=np.True_,
+                                compact=np.False_).fit(emb)
+    loaded = load(save(det, tmp_path / "m.npz"))
+    assert loaded.size_calibration is True and loaded.compact is False
+    np.testing.assert_array_equal(loaded.score_samples(emb), det.score_samples(emb))
+
+
 def test_size_calibration_round_trips(tmp_path):
     from conftest import TinyNet, textured_images
 
