@@ -199,7 +199,9 @@ class TiledDetector(_ImageOutlierDetector, BaseEstimator):
 
     See Also
     --------
-    PatchGaussianDetector : One frame for all images, each resized onto it.
+    PatchGaussianDetector : One frame for all images, each resized onto it;
+        by default its maps of images of mixed sizes come from a
+        ``TiledDetector`` fitted inside it (``localization``).
 
     Notes
     -----

@@ -1254,6 +1254,11 @@ def test_maps_of_mixed_sizes_come_from_windows_at_one_scale(tiny_extractor):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
         assert not np.allclose(ours, framed)
     assert np.isnan(det.localizer_.offset_)  # it serves maps only
+    # Proportions far outside the training images': no score, but a map (windows do not distort).
+    odd = np.ascontiguousarray(np.tile(Xt[0], (3, 1, 1)))
+    with pytest.raises(ValueError, match="outside the range"):
+        det.score_samples([odd])
+    assert det.anomaly_maps([odd])[0].shape == odd.shape[:2]
     # A refit on images of one size drops it.
     assert clone(det).fit(textured_images(12, seed=2)).localizer_ is None
 
