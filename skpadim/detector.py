@@ -426,6 +426,12 @@ class _ImageOutlierDetector(OutlierMixin):
         decision : ndarray of shape (n_images,)
             Negative for images scored as anomalous.
         """
+        check_is_fitted(self, "offset_")
+        if np.isnan(self.offset_):
+            raise ValueError(
+                "This detector has no threshold: it is a localizer, fitted for its maps only "
+                "(see PatchGaussianDetector's localization); threshold score_samples yourself."
+            )
         return self.score_samples(X) - self.offset_
 
     def predict(self, X):
@@ -482,7 +488,10 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
     patch is compared with the Gaussian of its position by the Mahalanobis
     distance; the distances, upsampled to the image and smoothed, form the anomaly
     map, and the mean of the map's highest values (or its maximum, see
-    ``image_score``) is the image's anomaly score.
+    ``image_score``) is the image's anomaly score. When the training images
+    differ in size, the maps returned come by default from a second set of
+    Gaussians fitted on windows at one pixel scale (``localization``), while
+    the scores stay those of the frame.
 
     Parameters
     ----------
@@ -509,8 +518,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         describes its surroundings and small misalignments between parts matter
         less. 1 disables it (the paper's recipe).
     sigma : float, default=4.0
-        Standard deviation, in pixels of the preprocessed image, of the Gaussian
-        smoothing of the anomaly maps (4 as in the paper); 0 disables it.
+        Standard deviation, in pixels of the preprocessed image (of a window,
+        for the maps of a localizer), of the Gaussian smoothing of the anomaly
+        maps (4 as in the paper); 0 disables it.
     image_score : "max" or float in (0, 1], default=0.01
         How an image's anomaly score is read from its map (on the preprocessed
         frame): ``"max"``, the map's maximum (the paper's recipe), or a float
@@ -526,8 +536,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         magnification along the height and the width (a power law, by least
         squares on logarithms, only along directions in which the training
         images' magnifications spread: images of one aspect ratio at several
-        sizes learn one slope for both axes), and every map is divided by the
-        level so expected for its image, magnifications outside the training
+        sizes learn one slope for both axes), and every map of the frame (hence
+        every score) is divided by the level so expected for its image, magnifications outside the training
         images' range taken at its edge. It changes nothing when the training images
         all have one size (or fewer than 10 images, or sizes that vary by
         less than 5%): ``level_slopes_`` is then zero.
@@ -536,17 +546,21 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         score the images, each image resized onto the frame. ``"tiled"``: from
         a second set of Gaussians, fitted on windows of the training images
         all resized by one factor (a :class:`~skpadim.TiledDetector` around
-        this detector's settings, its windows' shorter side the frame's, their
-        proportions the training images' median ones), so that a defect keeps its
+        this detector's settings, without a centre crop; its windows' shorter
+        side is the frame's rounded to a multiple of 32, their proportions the
+        training images' median ones), so that a defect keeps its
         size in pixels whatever the size of its image; the image scores, and
         so ``predict`` and ``offset_``, still come from the frame, which sees
         the whole part at once. ``"auto"``: ``"tiled"`` when the training
         images' sizes differ by more than 5% along a side, else ``"frame"``
         (images of one size give both nearly the same pixels); also
-        ``"frame"`` when fitted on embeddings or with ``trim_by="patch"``
-        (whose trimming acts on the frame's patches). The second set costs
-        one more pass over the training images, about as much memory as the
-        first, and the windows' backbone passes for every map.
+        ``"frame"`` when fitted on embeddings, with ``trim_by="patch"``
+        (whose trimming acts on the frame's patches) or with an extractor
+        without an ``image_size`` parameter (which could not embed the windows
+        at their size). The second set costs one more pass over the training
+        images, about as much memory as the first plus a copy of the backbone,
+        and the windows' backbone passes for every map; a search scored on
+        image-level metrics alone can set ``"frame"``.
     contamination : float in (0, 0.5], default=0.01
         Expected fraction of anomalous images, used to place the decision
         threshold: ``offset_`` is the ``contamination`` quantile of the training
@@ -839,9 +853,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             Training images of normal parts: ``(n, H, W, 3)`` or ``(n, H, W)``
             uint8 or float in [0, 1], a tensor ``(n, 3, H, W)``, or a list of
             image paths or arrays (sizes may differ); or their embeddings. ``X``
-            is read twice (statistics, then the threshold; once more for the
-            ``localization`` Gaussians), so it must be a sequence, not a
-            one-shot iterator.
+            is read more than once (statistics, then the threshold; once more
+            for the ``localization`` Gaussians, twice more with ``trim``), so it
+            must be a sequence, not a one-shot iterator.
         y : array-like of shape (n_images,), masks, or None, default=None
             Optional labels: 0 normal / 1 anomalous (False / True for
             booleans), or scikit-learn's outlier convention +1 normal / -1
@@ -884,8 +898,12 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             return False
         if self.localization == "tiled":
             return True
+        # An extractor without an image size could not be told to embed the
+        # windows at their own size.
+        sized = "image_size" in self.feature_extractor_.get_params(deep=False)
         low, high = self.log_magnification_range_
-        return bool(np.any(high - low > _LEVEL_MIN_SPREAD) and not (self.trim and self.trim_by == "patch"))
+        return bool(sized and np.any(high - low > _LEVEL_MIN_SPREAD)
+                    and not (self.trim and self.trim_by == "patch"))
 
     def _fit_localizer(self, X):
         """The localizer (``localizer_``) fitted on the normal images X."""
@@ -894,8 +912,15 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         # The same settings on windows of one size: nothing to calibrate, and
         # the images left out by trim are left out of X already.
         inner = clone(self).set_params(localization="frame", size_calibration=False, trim=0.0)
-        # Its windows' shorter side is the frame's, the resolution this detector was given.
-        localizer = TiledDetector(inner, short_side=min(self.input_shape_))._fit_windows(X)[0]
+        extractor = inner.feature_extractor
+        if extractor is not None and extractor.get_params(deep=False).get("crop_size") is not None:
+            # A window is embedded whole: a centre crop would leave its borders
+            # out of every map.
+            inner.set_params(feature_extractor=clone(extractor).set_params(crop_size=None))
+        # Its windows' shorter side is the frame's, the resolution this detector
+        # was given (the extractor's, where it says: a plain array's frame is its grid).
+        frame = getattr(self.feature_extractor_, "resize_shape_", None) or self.input_shape_
+        localizer = TiledDetector(inner, short_side=min(frame))._fit_windows(X)[0]
         # The scores and their threshold are the frame's: the localizer's own
         # thresholds would cost another pass over the training windows.
         localizer.offset_ = localizer.detector_.offset_ = float("nan")
@@ -992,7 +1017,10 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             order = np.argsort(-scores, kind="stable")  # (anomaly scores: the worst first)
             fitted.trimmed_indices_ = np.sort(order[:n_trim])
             kept = _take_images(X, np.sort(order[n_trim:]))
-            gaussian = self._fit_gaussian(kept, extractor, channels, like=first)[0]
+            gaussian, *_, (_, kept_magnifications) = self._fit_gaussian(kept, extractor, channels, like=first)
+            # The images left out tell nothing about the sizes of normal ones.
+            fitted.log_magnification_range_ = np.stack([kept_magnifications.min(axis=0),
+                                                        kept_magnifications.max(axis=0)])
         elif trimming:
             # Per position, the n_trim training patches farthest (out of fold)
             # from the Gaussian of the other half are left out: a defect covers
@@ -1186,7 +1214,9 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         Parameters
         ----------
         X : array-like, tensor, list or iterator of images, or PatchEmbeddings
-            Images in any format accepted by :meth:`fit`.
+            Images in any format accepted by :meth:`fit`; not embeddings when
+            the maps come from a localizer (``localizer_``), which cuts images
+            into windows.
 
         Returns
         -------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyNet, textured_images
 from scipy.ndimage import gaussian_filter
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 
 import skpadim._images
@@ -1313,7 +1313,9 @@ def test_localized_maps_need_images(tiny_extractor):
 
 def test_localizer_moves_with_the_device_and_survives_pickling(tiny_extractor):
     X = _varied_widths(12, seed=0)
-    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    det = PatchGaussianDetector(clone(tiny_extractor).set_params(device="auto"), n_features=8,
+                                random_state=0).fit(X)
+    assert det.localizer_.detector_.feature_extractor_.device == "auto"
     det.set_params(device="cpu", feature_extractor__device="cpu")
     assert det.localizer_.detector_.device == "cpu"
     assert det.localizer_.detector_.gaussian_.device == "cpu"
@@ -1328,3 +1330,58 @@ def test_localizer_moves_with_the_device_and_survives_pickling(tiny_extractor):
     old = PatchGaussianDetector.__new__(PatchGaussianDetector)
     old.__setstate__(state)
     assert old.get_params()["localization"] == "frame" and old.localizer_ is None
+
+
+def test_localizer_embeds_whole_windows_without_the_centre_crop(tiny_extractor):
+    # A centre crop of every window would leave the windows' borders out of the maps.
+    X = _varied_widths(12, seed=0)
+    cropping = clone(tiny_extractor).set_params(image_size=64, crop_size=32)
+    det = PatchGaussianDetector(cropping, n_features=8, random_state=0).fit(X)
+    assert det.localizer_.detector_.feature_extractor_.crop_size is None
+    assert det.feature_extractor_.crop_size == 32  # (the frame's own extractor keeps it)
+    image = np.ascontiguousarray(X[5])
+    marked = image.copy()
+    marked[12:20, :4] = 255  # at the left border, outside any centre crop
+    plain_map, marked_map = det.anomaly_maps([image, marked])
+    assert np.abs(marked_map - plain_map)[12:20, :4].max() > 0.1 * plain_map.max()
+
+
+class _WithoutImageSize(BaseEstimator):
+    """A custom extractor that cannot be told the size to embed images at."""
+
+    def __init__(self, extractor=None):
+        self.extractor = extractor
+
+    def fit(self, X, y=None):
+        self.extractor_ = clone(self.extractor).fit(X)
+        return self
+
+    def transform(self, X):
+        return self.extractor_.transform(X)
+
+
+def test_localizer_needs_an_extractor_that_takes_an_image_size(tiny_extractor):
+    X = _varied_widths(12, seed=0)
+    det = PatchGaussianDetector(_WithoutImageSize(tiny_extractor), n_features=8, random_state=0).fit(X)
+    assert det.localizer_ is None and det.level_slopes_.any()
+    # A plain-array extractor's frame is its grid: the windows take the extractor's size.
+    plain = PatchGaussianDetector(_PlainOutput(TinyNet(), layers=("block1", "block2"), weights=None,
+                                               image_size=64), n_features=8, random_state=0).fit(X)
+    assert plain.input_shape_ == plain.gaussian_.grid_shape_ and plain.localizer_.window_[0] == 64
+
+
+def test_a_failing_localizer_leaves_the_previous_model(tiny_extractor, monkeypatch):
+    X = _varied_widths(12, seed=0)
+    det = PatchGaussianDetector(tiny_extractor, n_features=8, random_state=0).fit(X)
+    before = dict(det.__dict__)
+
+    def fail(self, X):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(TiledDetector, "_fit_windows", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        det.fit(_varied_widths(14, seed=1))
+    assert all(det.__dict__[k] is v for k, v in before.items())
+    # The localizer has no threshold of its own: it says so rather than give NaNs.
+    with pytest.raises(ValueError, match="no threshold: it is a localizer"):
+        det.localizer_.predict(X[:2])
