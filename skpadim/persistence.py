@@ -213,9 +213,8 @@ def _description(model):
             "params": {"detector": _template(model.detector),
                        "short_side": _jsonable(model.short_side, "short_side"),
                        "window": _jsonable(model.window, "window")},
-            # (A localizer's offsets are NaN: it serves maps only.)
             "fitted": {"scale": float(model.scale_), "window": list(model.window_),
-                       "n_windows": int(model.n_windows_), "offset": float(model.offset_)},
+                       "n_windows": int(model.n_windows_), "offset": _offset_json(model.offset_)},
         }  # fmt: skip
         return arrays, config
     arrays, config = _contents(model)
@@ -306,7 +305,7 @@ def _contents(model):
         "format_version": 2 if compact else 1,
         "detector": {k: _jsonable(getattr(model, k), k) for k in _DETECTOR_PARAMS},
         "fitted": {
-            "offset": float(model.offset_),
+            "offset": _offset_json(model.offset_),
             "n_features_in": int(model.n_features_in_),
             "input_shape": list(model.input_shape_),
             "aspect_range": list(model.aspect_range_),
@@ -457,11 +456,23 @@ def _check_model(config, arrays, path, version, maps_only=False):
         raise ModelFileError(f"{str(path)!r}: channel_indices has dtype {idx.dtype}, not integers.")
     if idx.size and (idx.min() < 0 or idx.max() >= fitted["n_features_in"]):
         raise ModelFileError(f"{str(path)!r}: channel indices out of range.")
+    if version == 3 and config["extractor"] is not None and (
+            config["extractor"]["resize_shape"] != config["tiled"]["fitted"]["window"]):
+        raise ModelFileError(
+            f"{str(path)!r}: the extractor embeds images of {config['extractor']['resize_shape']!r}, "
+            f"not the tiled window {config['tiled']['fitted']['window']!r}."
+        )
+    if maps_only and (config["extractor"] is None or config["fitted"]["fitted_on_embeddings"]):
+        raise ModelFileError(f"{str(path)!r}: a localizer embeds its windows, but has no extractor.")
     if version == 4:
-        _require(config["localizer"], ("format_version",), "localizer", path)
-        if config["localizer"]["format_version"] != 3:
-            raise ModelFileError(f"{str(path)!r}: the localizer is not described as format version 3.")
-        _check_model(config["localizer"], _localizer_arrays(arrays), path, 3, maps_only=True)
+        local = config["localizer"]
+        _require(local, ("format_version",), "localizer", path)
+        try:
+            if local["format_version"] != 3:
+                raise ModelFileError(f"{str(path)!r}: it is not described as format version 3.")
+            _check_model(local, _localizer_arrays(arrays), path, 3, maps_only=True)
+        except ModelFileError as exc:
+            raise ModelFileError(f"In the 'localizer' section: {exc}") from exc
 
 
 def _localizer_arrays(arrays):
@@ -473,11 +484,19 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
+def _offset_json(offset):
+    """A threshold as JSON: a localizer's NaN (it serves maps only) as null, which
+    strict JSON readers accept."""
+    return None if np.isnan(offset) else float(offset)
+
+
+def _offset_value(value):
+    return float("nan") if value is None else value
+
+
 def _is_offset(value, maps_only):
-    """A threshold: a number, or NaN for a localizer (it serves maps only)."""
-    if maps_only:
-        return isinstance(value, float) and np.isnan(value)
-    return _is_number(value)
+    """A threshold as written: a number, or null for a localizer."""
+    return value is None if maps_only else _is_number(value)
 
 
 def _is_count(value, least=1):
@@ -556,7 +575,7 @@ def _check_tiled(tiled, path, maps_only=False):
         )
     if not _is_offset(fitted["offset"], maps_only):
         raise ModelFileError(f"{str(path)!r}: the tiled offset {fitted['offset']!r} is not "
-                             + ("NaN, as a localizer's is." if maps_only else "a number."))
+                             + ("null, as a localizer's is." if maps_only else "a number."))
     template = tiled["params"]["detector"]
     if template is not None:
         _require(template, ("detector", "extractor"), "tiled detector", path)
@@ -683,7 +702,7 @@ def _build(config, arrays, path):
     gaussian.n_samples_seen_ = fitted["n_samples_seen"]
     det.gaussian_ = gaussian
     det.channel_indices_ = arrays["channel_indices"]
-    det.offset_ = fitted["offset"]
+    det.offset_ = _offset_value(fitted["offset"])
     det.trimmed_indices_ = arrays.get("trimmed_indices", np.array([], dtype=np.int64))
     det.n_features_in_ = fitted["n_features_in"]
     det.input_shape_ = tuple(fitted["input_shape"])
@@ -706,5 +725,5 @@ def _build(config, arrays, path):
     tiled.scale_ = fitted["scale"]
     tiled.window_ = tuple(fitted["window"])
     tiled.n_windows_ = fitted["n_windows"]
-    tiled.offset_ = fitted["offset"]
+    tiled.offset_ = _offset_value(fitted["offset"])
     return tiled

@@ -552,6 +552,8 @@ def _set_tiled(key, value):
      "'tiled detector extractor' section holds unknown entries x"),
     ("fitted_tiled", lambda a, c: c.__setitem__("format_version", 2), "version 2 cannot hold a 'tiled'"),
     ("fitted_emb", lambda a, c: c.__setitem__("format_version", 3), "version 3 needs a 'tiled' section"),
+    ("fitted_tiled", lambda a, c: c["extractor"].__setitem__("resize_shape", [32, 48]),
+     r"embeds images of \[32, 48\], not the tiled window \[64, 64\]"),
 ])
 def test_invalid_tiled_entries_are_refused(request, tmp_path, model, mutate, message):
     path = save(request.getfixturevalue(model)[0], tmp_path / "m.npz")
@@ -599,8 +601,10 @@ def test_detector_with_a_localizer_round_trips(fitted_localized, tmp_path):
     assert np.isnan(loaded.localizer_.offset_) and np.isnan(loaded.localizer_.detector_.offset_)
     assert clone(loaded).get_params()["localization"] == "auto"
     with np.load(path, allow_pickle=False) as archive:
-        config = json.loads(archive["config"].tobytes())
+        # Strict JSON: the localizer's thresholds are null, not NaN.
+        config = json.loads(archive["config"].tobytes(), parse_constant=lambda c: pytest.fail(c))
         assert config["format_version"] == 4 and config["localizer"]["format_version"] == 3
+        assert config["localizer"]["tiled"]["fitted"]["offset"] is None
         assert any(key.startswith("localizer/backbone/") for key in archive.files)
 
 
@@ -617,11 +621,14 @@ def _set_localizer(*keys, value):
     (lambda a, c: c.__setitem__("format_version", 1), "version 1 cannot hold a 'localizer'"),
     (lambda a, c: c.__setitem__("format_version", 3), "version 3 needs a 'tiled'"),
     (lambda a, c: c.pop("localizer"), "version 4 needs a 'localizer'"),
-    (_set_localizer("format_version", value=1), "localizer is not described as format version 3"),
-    (_set_localizer("tiled", "fitted", "offset", value=0.5), "tiled offset 0.5 is not NaN"),
+    (_set_localizer("format_version", value=1), "localizer. section: .*not described as format version 3"),
+    (_set_localizer("tiled", "fitted", "offset", value=0.5), "tiled offset 0.5 is not null"),
     (_set_localizer("fitted", "offset", value=1.0), "invalid offset: 1.0"),
     (_set_localizer("tiled", "fitted", "scale", value=-1.0), "tiled scale -1.0 is not a positive"),
-    (lambda a, c: a.pop("localizer/location"), "the array 'location' is missing"),
+    (lambda a, c: a.pop("localizer/location"), "localizer' section: .*the array 'location' is missing"),
+    (_set_localizer("extractor", value=None), "a localizer embeds its windows, but has no extractor"),
+    (_set_localizer("fitted", "fitted_on_embeddings", value=True), "has no extractor"),
+    (_set_localizer("extractor", "resize_shape", value=[32, 32]), "not the tiled window"),
 ])
 def test_invalid_localizer_entries_are_refused(fitted_localized, tmp_path, mutate, message):
     path = save(fitted_localized[0], tmp_path / "m.npz")
