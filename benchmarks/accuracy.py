@@ -210,7 +210,8 @@ def worker(cfg):
     with common.Timer() as t_fit:
         det.fit(cfg["train_paths"])
     # One pass for maps and image scores: what anomaly_maps and score_samples
-    # each compute, from the same maps on the preprocessed frame.
+    # each compute, from the same maps on the preprocessed frame; two where the
+    # maps come from a localizer (the scores from the frame, the maps from windows).
     maps, scores = [], []
     tiled = isinstance(det, TiledDetector)
     with common.Timer() as t_maps:
@@ -430,11 +431,12 @@ def main(argv=None):
             save(rows)  # after every run: a long study that is cut short keeps its rows
     print()
     print(f"{dataset}: test split per defect type into val / final halves (seed {SPLIT_SEED}); "
-          "AUROCs and AUPRO@0.3 in %. fit s: both passes of fit (statistics, threshold; "
-          "trim adds two), images decoded from disk; im/s: anomaly maps at image resolution "
-          "and image scores, one pass; FA % / det %: good test images rejected / defective "
-          "ones caught by predict at the threshold of the fit (contamination 0.01); FA in %: "
-          "good test images rejected by a threshold on in-sample training scores (--in-sample).")  # fmt: skip
+          "AUROCs and AUPRO@0.3 in %. fit s: every pass of fit (statistics, threshold; "
+          "trim adds two, a localizer one), images decoded from disk; im/s: anomaly maps at "
+          "image resolution and image scores (one pass; with a localizer, one for each); "
+          "FA % / det %: good test images rejected / defective ones caught by predict at the "
+          "threshold of the fit (contamination 0.01); FA in %: good test images rejected by a "
+          "threshold on in-sample training scores (--in-sample).")  # fmt: skip
     print(common.format_table(rows, COLUMNS, HEADERS))
     csv_path, json_path = save(rows)
     print(f"wrote {csv_path} and {json_path}")
