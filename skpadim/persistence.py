@@ -40,7 +40,9 @@ __all__ = ["save", "load", "FORMAT_VERSION", "ModelFileError"]
 # ("cholesky_lower"). 3: a TiledDetector, its detector as before plus a "tiled"
 # section. 4: a detector with a localizer (``localization``): a "localizer"
 # section that describes it as version 3 does a TiledDetector, its arrays under
-# "localizer/". Other models are still written as version 1, which every release reads.
+# "localizer/". Other models are still written as version 1. (A release older
+# than a detector parameter refuses a file that names it, naming it: parameters
+# are added without a new version.)
 #: Newest version of the file layout: :func:`~skpadim.save` writes the oldest one
 #: that can hold the model, :func:`~skpadim.load` refuses newer ones.
 FORMAT_VERSION = 4
