@@ -537,10 +537,11 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         squares on logarithms, only along directions in which the training
         images' magnifications spread: images of one aspect ratio at several
         sizes learn one slope for both axes), and every map of the frame (hence
-        every score) is divided by the level so expected for its image, magnifications outside the training
-        images' range taken at its edge. It changes nothing when the training images
-        all have one size (or fewer than 10 images, or sizes that vary by
-        less than 5%): ``level_slopes_`` is then zero.
+        every score) is divided by the level so expected for its image,
+        magnifications outside the training images' range taken at its edge.
+        It changes nothing when the training images all have one size (or
+        fewer than 10 images, or sizes that vary by less than 5%):
+        ``level_slopes_`` is then zero.
     localization : {"auto", "frame", "tiled"}, default="auto"
         Where the anomaly maps come from. ``"frame"``: from the Gaussians that
         score the images, each image resized onto the frame. ``"tiled"``: from
