@@ -391,7 +391,7 @@ def _check(config, arrays, path):
 
 def _check_model(config, arrays, path, version, maps_only=False):
     """A model's description and arrays (of a version-``version`` layout), and
-    those of its localizer; ``maps_only``: it is a localizer, whose offsets are NaN."""
+    those of its localizer; ``maps_only``: it is a localizer, whose offsets are null."""
     # A file can match its digests and still lack entries (written by hand or by
     # another tool): say what is missing rather than fail on it later.
     for section in ("detector", "fitted", "extractor"):
