@@ -53,7 +53,8 @@ def main(argv=None):
     for norm_name, norm in (("Lite (0.5, 0.5)", {}), ("ImageNet", IMAGENET)):
         det = PatchGaussianDetector(
             TorchvisionExtractor(image_size=224, **norm), n_features=100, shrinkage=0.01,
-            pooling=1, image_score="max", random_state=args.seed).fit(train)
+            pooling=1, image_score="max", size_calibration=False, localization="frame",
+            random_state=args.seed).fit(train)
         paths = test.path.tolist()
         # The detector's maps on its 224 x 224 frame, before the resize to each image.
         frame_maps = torch.cat([m for m, _ in det._iter_maps(paths)]).numpy()
