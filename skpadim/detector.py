@@ -277,13 +277,13 @@ _LEAVE_ONE_OUT = (3, ": 2 to estimate a distribution, and one more to leave out 
 
 def _normal_training_images(X, y, minimum=_LEAVE_ONE_OUT):
     """``(X, n_images)``: the images of X that y labels normal (all when y is
-    None), checked to be a sequence (fit reads them twice) of at least
+    None), checked to be a sequence (fit reads them more than once) of at least
     ``minimum``, a pair (count, why) for the message (TiledDetector fits on
     windows, which its detector counts)."""
     n_images = count_images(X)
     if n_images is None:
         raise TypeError(
-            "fit reads the training images twice (statistics, then the decision "
+            "fit reads the training images more than once (statistics, then the decision "
             "threshold); pass a list, array or tensor rather than a one-shot iterator."
         )
     if y is not None:

@@ -893,7 +893,7 @@ class _RecentEmbeddings:
     """Embeddings recently read from or written to a ``memory`` cache, bounded in bytes.
 
     A search reads the embedding of every image once per candidate and fold, and a
-    detector reads its training images twice per fit (statistics, then threshold):
+    detector reads its training images twice or more per fit (statistics, threshold):
     keeping recent ones in memory spares the disk reads. Arrays are stored
     read-only, and callers copy them out. Thread-safe.
     """
