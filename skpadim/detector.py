@@ -227,6 +227,11 @@ def _log_magnifications(emb):
     return np.log(frame / np.asarray(emb.image_shapes, dtype=np.float64))
 
 
+def _magnification_range(log_magnifications):
+    """(2, 2): the smallest (first row) and largest log magnification along each axis."""
+    return np.stack([log_magnifications.min(axis=0), log_magnifications.max(axis=0)])
+
+
 def _fit_level_slopes(log_magnifications, levels):
     """Exponents ``(a_h, a_w)`` of the magnifications in a normal map's level.
 
@@ -902,9 +907,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         # An extractor without an image size could not be told to embed the
         # windows at their own size.
         sized = "image_size" in self.feature_extractor_.get_params(deep=False)
-        low, high = self.log_magnification_range_
-        return bool(sized and np.any(high - low > _LEVEL_MIN_SPREAD)
-                    and not (self.trim and self.trim_by == "patch"))
+        return sized and self._sizes_vary() and not (self.trim and self.trim_by == "patch")
 
     def _fit_localizer(self, X):
         """The localizer (``localizer_``) fitted on the normal images X."""
@@ -988,7 +991,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
         fitted.n_features_in_ = int(n_channels)
         fitted.input_shape_ = tuple(int(s) for s in input_shape)
         fitted.aspect_range_ = (float(aspects.min()), float(aspects.max()))
-        fitted.log_magnification_range_ = np.stack([magnifications.min(axis=0), magnifications.max(axis=0)])
+        fitted.log_magnification_range_ = _magnification_range(magnifications)
         fitted.level_slopes_ = np.zeros(2)  # no calibration until fit learns one
         fitted.offset_ = 0.0  # provisional: the scoring passes below use it
         fitted.localizer_ = None  # (fit adds one, after the threshold pass)
@@ -1020,8 +1023,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             kept = _take_images(X, np.sort(order[n_trim:]))
             gaussian, *_, (_, kept_magnifications) = self._fit_gaussian(kept, extractor, channels, like=first)
             # The images left out tell nothing about the sizes of normal ones.
-            fitted.log_magnification_range_ = np.stack([kept_magnifications.min(axis=0),
-                                                        kept_magnifications.max(axis=0)])
+            fitted.log_magnification_range_ = _magnification_range(kept_magnifications)
         elif trimming:
             # Per position, the n_trim training patches farthest (out of fold)
             # from the Gaussian of the other half are left out: a defect covers
@@ -1129,9 +1131,13 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
     def _calibrates(self, n_images):
         """Whether a fit on ``n_images`` normal images with the magnifications of
         ``log_magnification_range_`` learns a size calibration."""
+        return bool(self.size_calibration) and n_images >= _LEVEL_MIN_IMAGES and self._sizes_vary()
+
+    def _sizes_vary(self):
+        """Whether the training images' magnifications (``log_magnification_range_``)
+        spread by more than 5% along an axis."""
         low, high = self.log_magnification_range_
-        return bool(self.size_calibration and n_images >= _LEVEL_MIN_IMAGES
-                    and np.any(high - low > _LEVEL_MIN_SPREAD))
+        return bool(np.any(high - low > _LEVEL_MIN_SPREAD))
 
     def _level_pass(self, X, in_fit=None):
         """``(anomaly scores, map medians, log magnifications)`` of X's images in
@@ -1147,7 +1153,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
     def _learn_levels(self, magnifications, medians):
         """Set ``level_slopes_`` and the range from these images' magnifications and
         map medians; return their relative normal levels."""
-        self.log_magnification_range_ = np.stack([magnifications.min(axis=0), magnifications.max(axis=0)])
+        self.log_magnification_range_ = _magnification_range(magnifications)
         self.level_slopes_ = _fit_level_slopes(magnifications, medians)
         return self._normal_levels(magnifications)
 
