@@ -58,10 +58,18 @@ _GATHER_BYTES = 4 * 2**20
 _FINALIZE_BYTES = 16 * 2**20
 _GPU_SCALE = 64
 _GPU_FINALIZE_BYTES = 1 * 2**30
-# Bound on the images transposed at once (bytes): the samples one accumulating
-# product sums over. A batch of the detector fits (32 images of 550 channels on a
-# 56 x 56 grid: 221 MB), and larger calls are split so the temporary stays bounded
-# however many images one call brings.
+# Images whose shifted samples wait for one accumulating product over all of
+# them: every update of the scatter matrices reads and writes all of them, so a
+# batch of the detector (32 images) per update spends much of its time moving
+# the statistics, and products summing over 32 images run at about half the
+# speed of those over 128. They wait in the statistics' spare storage (see
+# _ScatterBlocks: for 550 channels on a 56 x 56 grid 128 images take 883 MB of
+# its 1.7 GB), or, for whole matrices, which leave none, in a buffer of their
+# own bounded by _PENDING_BYTES.
+_PENDING_IMAGES = 128
+_PENDING_BYTES = 64 * 2**20
+# Bound on the images transposed at once in the input's precision when it has
+# more than the work (bytes), before they are shifted and rounded into the buffer.
 _TRANSPOSE_BYTES = 256 * 2**20
 # Scatter matrices wider than twice this are accumulated in row blocks of this
 # many rows, lower block triangle only: for 550 channels that saves 44% of the
@@ -92,11 +100,14 @@ class _ScatterBlocks:
     several times slower. With ``rows >= C`` there is one block, the whole
     matrices, in a single chunk: a ``(P, C, C)`` tensor (:meth:`whole`).
 
-    Fresh, the chunks lie in one ``(P, C, C)`` allocation (:attr:`storage`),
-    each at the start of the space of its own positions' matrices. Once a chunk
-    is unpacked (:meth:`lower`), the factors of its positions can be written
-    over it: a fit allocates (and page-faults) the memory of one set of
-    matrices, not two.
+    Fresh, the chunks lie side by side at the start of one ``(P, C, C)``
+    allocation (:attr:`storage`), and the rest of it (:meth:`spare`, the size
+    of the upper block triangles) holds the samples waiting for the products
+    while the statistics accumulate. Once chunks are unpacked (:meth:`lower`),
+    last chunk first, the factors of their positions can be written over them:
+    a chunk's factors cover only its own statistics and those of the chunks
+    after it. A fit thus allocates (and page-faults) the memory of one set of
+    matrices, not two or three.
     """
 
     def __init__(self, p, c, rows, dtype, device, buffers=None):
@@ -110,10 +121,7 @@ class _ScatterBlocks:
         if buffers is None:
             # Not zeroed: the first batch assigns its products instead of adding them.
             self.storage = torch.empty(p * c * c, dtype=dtype, device=device)
-            buffers = [
-                self.storage[start * c * c : start * c * c + (stop - start) * self.size]
-                for start, stop in self.chunks()
-            ]
+            buffers = [self.storage[start * self.size : stop * self.size] for start, stop in self.chunks()]
         self.buffers = buffers
         self.dtype = dtype
         # Buffer of the finalisation, reused from one chunk to the next (a fresh
@@ -162,6 +170,11 @@ class _ScatterBlocks:
             out.append((r0, r1, buffer[offset : offset + n_values].view(m, r1 - r0, r1)))
             offset += n_values
         return out
+
+    def spare(self):
+        """The storage after the chunks (flat; empty for whole matrices), free
+        until the factors are written; None without a storage of its own."""
+        return None if self.storage is None else self.storage[self.p * self.size :]
 
     def is_whole(self):
         return len(self.bounds) == 1 and len(self.buffers) == 1
@@ -251,8 +264,15 @@ class _Moments:
     # Samples per position (float64), once a mask has left some out; None while
     # every position has all ``n``.
     counts = None
-    # Buffer reused by successive add() calls; never copied or pickled.
-    _scratch = None
+    # Buffers reused by successive add() calls (the shifted samples waiting for
+    # the products, and a block of input transposed in its own precision), the
+    # number of images waiting, and whether the scatter matrices are still
+    # unwritten (they are not zeroed: the first products assign). Never copied
+    # or pickled: release() flushes and frees the buffers.
+    _buffer = None
+    _raw = None
+    _pending = 0
+    _unwritten = False
 
     def __init__(self, n, ref, s1, s2, t, q, rows=None):
         self.n, self.ref, self.s1, self.s2, self.t, self.q = n, ref, s1, s2, t, q
@@ -269,7 +289,7 @@ class _Moments:
     def zeros(cls, p, c, s2_dtype, device, higher=True):
         f64 = dict(dtype=torch.float64, device=device)
         rows = _row_block(c)
-        return cls(
+        out = cls(
             0,
             None,
             torch.zeros((p, c), **f64),
@@ -278,8 +298,11 @@ class _Moments:
             torch.zeros((p,), **f64) if higher else None,
             rows,
         )
+        out._unwritten = True
+        return out
 
     def _map(self, f):
+        self.flush()
         out = _Moments(
             self.n,
             *(None if x is None else f(x) for x in (self.ref, self.s1)),
@@ -301,14 +324,24 @@ class _Moments:
         return self.n if self.counts is None else int(self.counts.min())
 
     def release(self):
-        """Free the buffer kept between batches."""
-        self._scratch = None
+        """Flush the waiting samples and free the buffers kept between batches."""
+        self.flush()
+        self._buffer = self._raw = None
 
-    def add(self, X, mask=None):
+    def add(self, X, mask=None, defer=False):
         """Add samples ``X`` of shape (n, C, P): n images, P positions.
 
         ``mask``, a bool tensor (n, P), keeps only the samples where it is True:
         each position then has its own number of samples (``counts``).
+
+        The shifted samples are kept in a buffer of up to ``_PENDING_IMAGES``
+        images, and the scatter matrices updated by one product over all of
+        them (:meth:`flush`): every update reads and writes all of the
+        statistics, so few large updates cost much less memory traffic than one
+        per batch, and their products (summing over more images) run closer to
+        the machine's peak. With ``defer`` the samples may stay in the buffer
+        after the call, for the next calls to fill it; the caller then flushes
+        (or releases) before the statistics are read.
         """
         n, c, p = X.shape
         s2 = self.s2
@@ -343,66 +376,103 @@ class _Moments:
             weights = mask.to(device=device, dtype=work).T[:, :, None]  # (P, n, 1)
         elif self.counts is not None:
             self.counts += n
-        # Images are transposed whole to (positions, channels), a block of them at
-        # a time: a whole-matrix transpose is several times faster than gathering
-        # the channels of a chunk of positions. The block is what one product
-        # sums over, so it should be large, but it is also the one temporary
-        # that scales with P * C.
-        block = max(1, min(n, _TRANSPOSE_BYTES // (p * c * itemsize)))
-        # Kept from one batch to the next: a fresh buffer this large is mapped
+        # Images waiting for the products, as (images, positions, channels):
+        # per position, its samples as rows with a leading dimension, which the
+        # products read in place. In the statistics' spare storage where it
+        # has room (block triangles: the factors are written there later, so
+        # its pages are faulted once for both), else in a buffer of their own,
+        # kept from one call to the next (a fresh buffer this large is mapped
         # anew by the allocator each time, and its page faults cost as much as
-        # the transposition.
-        T = self._scratch
-        if T is None or T.dtype != ref.dtype or T.numel() < block * p * c:
-            T = self._scratch = None  # free the old one first
-            T = self._scratch = torch.empty(block * p * c, dtype=ref.dtype, device=device)
-        step = max(1, min(p, scale * _GATHER_BYTES // (block * c * itemsize)))
-        shifted = None
-        if ref.dtype != work:  # the samples are shifted in ref's precision, then rounded
-            shifted = torch.empty(block * step * c, dtype=work, device=device)
-        for k0 in range(0, n, block):
-            k1 = min(k0 + block, n)
+        # filling it).
+        capacity = max(1, min(_PENDING_IMAGES, _PENDING_BYTES // (p * c * itemsize)))
+        spare = s2.spare()
+        room = 0 if spare is None else min(_PENDING_IMAGES, len(spare) // (p * c))
+        if self._buffer is None and room >= capacity:
+            capacity = room
+            self._buffer = spare[: room * p * c]
+        rows = capacity if defer else min(capacity, self._pending + n)
+        if self._buffer is None or self._buffer.numel() < rows * p * c:
+            self.flush()
+            self._buffer = None  # free the old one first
+            self._buffer = torch.empty(rows * p * c, dtype=work, device=device)
+        rows = self._buffer.numel() // (p * c)
+        # Input of more precision than the work is transposed in its own precision
+        # a bounded block at a time, then shifted and rounded into the buffer;
+        # input of the work's precision goes straight to the buffer.
+        raw = None
+        if ref.dtype != work:
+            block = max(1, min(n, _TRANSPOSE_BYTES // (p * c * ref.element_size())))
+            if self._raw is None or self._raw.numel() < block * p * c:
+                self._raw = None
+                self._raw = torch.empty(block * p * c, dtype=ref.dtype, device=device)
+            raw = self._raw
+        k0 = 0
+        while k0 < n:
+            if self._pending == rows:
+                self.flush()
+            k1 = min(n, k0 + rows - self._pending)
+            if raw is not None:
+                k1 = min(k1, k0 + raw.numel() // (p * c))
+            at, k = self._pending, k1 - k0
+            Y_all = self._buffer[at * p * c : (at + k) * p * c].view(k, p, c)
+            source = raw[: k * p * c].view(k, p, c) if raw is not None else Y_all
+            # A whole-matrix transpose is several times faster than gathering the
+            # channels of a chunk of positions.
+            source.copy_(X[k0:k1].to(device).transpose(1, 2))
             assign = first and k0 == 0
-            Tk = T[: (k1 - k0) * p * c].view(k1 - k0, p, c)
-            Tk.copy_(X[k0:k1].to(device).transpose(1, 2))
-            for j, (c0, c1) in enumerate(s2.chunks()):
-                blocks = s2.blocks(j)
-                for start in range(c0, c1, step):
-                    stop = min(start + step, c1)
-                    if assign:
-                        # The mean of the first samples, summed exactly in float64.
-                        head = Tk[:, start:stop].sum(dim=0, dtype=torch.float64)
-                        ref[start:stop] = head / (k1 - k0)
-                    if mask is not None:
-                        _move_to_kept_mean_(
-                            ref[start:stop], Tk[:, start:stop], weights[start:stop, k0:k1],
-                            seen[start:stop])
-                    if shifted is None:
-                        Y = Tk[:, start:stop].sub_(ref[start:stop])
-                    else:
-                        Y = shifted[: (k1 - k0) * (stop - start) * c].view(k1 - k0, stop - start, c)
-                        torch.sub(Tk[:, start:stop], ref[start:stop], out=Y)
-                    if mask is not None:
-                        Y.transpose(0, 1).mul_(weights[start:stop, k0:k1])
-                    # Per position, the samples as rows: a view, no copy; the
-                    # products read it with a leading dimension.
-                    Yp = Y.transpose(0, 1)
-                    self.s1[start:stop] += Y.sum(dim=0)
-                    for r0, r1, B in blocks:
-                        target = B[start - c0 : stop - c0]  # contiguous
-                        if assign:
-                            torch.bmm(Yp[:, :, r0:r1].mT, Yp[:, :, :r1], out=target)
-                        else:
-                            target.baddbmm_(Yp[:, :, r0:r1].mT, Yp[:, :, :r1])
-                    if self.t is not None:
-                        # |y_k|^2 per position, contiguous: a strided row vector
-                        # would send the product below to one call per position.
-                        sq = torch.linalg.vecdot(Y, Y).T.contiguous()
-                        self.t[start:stop] += torch.bmm(sq[:, None, :], Yp)[:, 0]
-                        # (|y|^4 in float64: in float32 it overflows or underflows
-                        # for embeddings far from unit scale.)
-                        self.q[start:stop] += sq.to(torch.float64).square().sum(dim=1)
+            step = max(1, min(p, scale * _GATHER_BYTES // (k * c * itemsize)))
+            for start in range(0, p, step):
+                stop = min(start + step, p)
+                T = source[:, start:stop]
+                if assign:
+                    # The mean of the first samples, summed exactly in float64.
+                    ref[start:stop] = T.sum(dim=0, dtype=torch.float64) / k
+                if mask is not None:
+                    _move_to_kept_mean_(ref[start:stop], T, weights[start:stop, k0:k1], seen[start:stop])
+                Y = Y_all[:, start:stop]
+                torch.sub(T, ref[start:stop], out=Y)
+                if mask is not None:
+                    Y.transpose(0, 1).mul_(weights[start:stop, k0:k1])
+                self.s1[start:stop] += Y.sum(dim=0)
+                if self.t is not None:
+                    # |y_k|^2 per position, contiguous: a strided row vector
+                    # would send the product below to one call per position.
+                    sq = torch.linalg.vecdot(Y, Y).T.contiguous()
+                    self.t[start:stop] += torch.bmm(sq[:, None, :], Y.transpose(0, 1))[:, 0]
+                    # (|y|^4 in float64: in float32 it overflows or underflows
+                    # for embeddings far from unit scale.)
+                    self.q[start:stop] += sq.to(torch.float64).square().sum(dim=1)
+            self._pending += k
+            k0 = k1
         self.n += n
+        if not defer:
+            self.flush()
+
+    def flush(self):
+        """Add the buffered samples' products to the scatter matrices."""
+        k = self._pending
+        if not k:
+            return
+        s2 = self.s2
+        p, c = self.s1.shape
+        scale = 1 if _tuned_for_cpu(s2.device) else _GPU_SCALE
+        Y_all = self._buffer[: k * p * c].view(k, p, c)
+        # Chunks of positions whose samples stay in cache for all the products.
+        step = max(1, min(p, scale * _GATHER_BYTES // (k * c * s2.element_size())))
+        for j, (c0, c1) in enumerate(s2.chunks()):
+            blocks = s2.blocks(j)
+            for start in range(c0, c1, step):
+                stop = min(start + step, c1)
+                # Per position, the samples as rows: a view, no copy.
+                Yp = Y_all[:, start:stop].transpose(0, 1)
+                for r0, r1, B in blocks:
+                    target = B[start - c0 : stop - c0]  # contiguous
+                    if self._unwritten:  # the statistics are not zeroed
+                        torch.bmm(Yp[:, :, r0:r1].mT, Yp[:, :, :r1], out=target)
+                    else:
+                        target.baddbmm_(Yp[:, :, r0:r1].mT, Yp[:, :, :r1])
+        self._unwritten = False
+        self._pending = 0
 
     def mean_variance(self):
         """The variance of a channel averaged over channels and positions (float)."""
@@ -1155,13 +1225,14 @@ class PatchCovariance(BaseEstimator):
         self._moments = moments
         return self
 
-    def _accumulate(self, moments, X, mask=None):
+    def _accumulate(self, moments, X, mask=None, defer=False):
         """Merge the statistics of batch X into ``moments`` (None to start afresh);
         ``mask``: None or a bool tensor (n, h * w) of the patches to keep.
 
-        The batch is transposed to (images, positions, channels) a bounded block
-        of images at a time, then added a cache-sized chunk of positions at a
-        time, in place.
+        The batch is transposed to (images, positions, channels) into a bounded
+        buffer, and the buffer's products added to the statistics a cache-sized
+        chunk of positions at a time, in place. With ``defer``, a buffer that is
+        not full waits for the next batch (:meth:`_finalize` adds it).
         """
         device = resolve_device(self.device)
         n, c, h, w = X.shape
@@ -1170,7 +1241,7 @@ class PatchCovariance(BaseEstimator):
             moments = _Moments.zeros(
                 h * w, c, self._m2_dtype(), device, higher=self.shrinkage == "ledoit-wolf"
             )
-        moments.add(X, mask)
+        moments.add(X, mask, defer=defer)
         return moments
 
     def _m2_dtype(self):
@@ -1322,8 +1393,10 @@ class PatchCovariance(BaseEstimator):
     @staticmethod
     def _finalize_slices(scatter, step, consume):
         """Slices of at most ``step`` positions, each within one chunk of the
-        statistics; with ``consume``, a chunk is freed once its slices are done."""
-        for j, (c0, c1) in enumerate(scatter.chunks()):
+        statistics; with ``consume``, a chunk is freed once its slices are done,
+        and the chunks come last first (see :class:`_ScatterBlocks`)."""
+        chunks = list(enumerate(scatter.chunks()))
+        for j, (c0, c1) in reversed(chunks) if consume else chunks:
             for start in range(c0, c1, step):
                 yield slice(start, min(start + step, c1))
             if consume:

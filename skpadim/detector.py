@@ -1091,7 +1091,8 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             selected = self._pooled(take(emb))
             selected = gaussian._check_embeddings(selected, reset=True)
             mask = None if keep is None else torch.from_numpy(keep[start : start + len(emb)])
-            moments = gaussian._accumulate(moments, selected, mask)
+            # Deferred: the products wait for several batches (finalised below).
+            moments = gaussian._accumulate(moments, selected, mask, defer=True)
             start += len(emb)
         gaussian._finalize(moments, (moments.n, len(channels), *emb.shape[2:]), consume=True)
         return gaussian, channels, n_channels, input_shape, (np.concatenate(aspects),

@@ -288,6 +288,47 @@ def test_large_models_score_by_triangular_solves(monkeypatch, block):
                                    atol=1e-12 * np.abs(expected).max())
 
 
+# Own buffer: 6 images of this grid (1000 bytes); spare storage: room for 2 of
+# them after the block triangles, taken when a buffer of its own would hold no more.
+@pytest.mark.parametrize("where, pending_bytes, waits", [
+    ("own", 1000, [4, 2, 6, 4, 2, 5]),
+    ("spare", 300, [2, 2, 2, 2, 2, 1]),
+])
+@pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
+@pytest.mark.parametrize("input_dtype", [np.float64, np.float32])
+def test_deferred_products_wait_across_batches_and_equal_sklearn(
+    small_blocks, monkeypatch, input_dtype, shrinkage, where, pending_bytes, waits
+):
+    # The detector's batches leave their shifted samples in a buffer, whose
+    # products wait for the next batches (flushed when a sample finds it full);
+    # whatever reads the statistics flushes it first. float64 input is shifted
+    # in float64 and rounded into the float32 buffer, a block at a time. In the
+    # spare storage, the factors are later written over the waiting samples.
+    monkeypatch.setattr(skpadim.covariance, "_PENDING_BYTES", pending_bytes)
+    X = _embeddings(n=23, c=6, mean=50.0, seed=12, dtype=input_dtype)
+    est = PatchCovariance(shrinkage=shrinkage)
+    moments, waiting = None, []
+    for start in range(0, len(X), 4):
+        moments = est._accumulate(moments, torch.from_numpy(X[start : start + 4]), defer=True)
+        waiting.append(moments._pending)
+    assert waiting == waits
+    spare = moments.s2.spare()
+    assert (moments._buffer.data_ptr() == spare.data_ptr()) == (where == "spare")
+    copy = moments.copy()  # reads the statistics: flushed first
+    assert moments._pending == 0 and copy._pending == 0
+    est._finalize(moments, X.shape, consume=True)
+    assert est.n_samples_seen_ == 23
+    for p, samples in enumerate(_per_position(X)):
+        location, expected, coefficient = _reference(samples, shrinkage)
+        if coefficient is not None:
+            np.testing.assert_allclose(est.shrinkage_[p], coefficient, rtol=1e-4)
+        np.testing.assert_allclose(est.location_[p], location, rtol=1e-6)
+        L = est.cholesky_[p].astype(np.float64)
+        np.testing.assert_allclose(L @ L.T, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    # Not deferred (fit, partial_fit): nothing waits after a call.
+    assert PatchCovariance(shrinkage=shrinkage)._accumulate(None, torch.from_numpy(X[:4]))._pending == 0
+
+
 def test_positions_are_gathered_exactly_chunk_after_chunk():
     from skpadim.covariance import _positions_gatherer
 
@@ -328,6 +369,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(skpadim.covariance, "_SCATTER_CHUNK_BYTES", 500)
     monkeypatch.setattr(skpadim.covariance, "_FINALIZE_BYTES", 300)
     monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1000)
+    monkeypatch.setattr(skpadim.covariance, "_PENDING_BYTES", 1000)
 
 
 @pytest.mark.parametrize("shrinkage", ["ledoit-wolf", 0.01])
@@ -697,6 +739,7 @@ def test_patch_mask_reference_ignores_left_out_outliers(monkeypatch, blocks, dty
     # that they pulled away from the kept patches (std 0.01) lose every digit.
     if blocks == "several":  # images added one at a time: the first 2 keep nothing
         monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 1)
+        monkeypatch.setattr(skpadim.covariance, "_PENDING_BYTES", 1)
     rng = np.random.RandomState(19)
     mask = rng.rand(40, 2, 3) > 0.3
     mask[:2] = False
@@ -813,6 +856,7 @@ def test_single_kept_patch_with_ledoit_wolf_gets_the_variance_floor(monkeypatch,
         mask[:, 0, 0] = False
         mask[k, 0, 0] = True
         monkeypatch.setattr(skpadim.covariance, "_TRANSPOSE_BYTES", 2**20 if seed % 2 else 1)
+        monkeypatch.setattr(skpadim.covariance, "_PENDING_BYTES", 2**20 if seed % 2 else 1)
         est = PatchCovariance(dtype=dtype).fit(X, patch_mask=mask)
         one = PatchCovariance(dtype=dtype).fit(X[k : k + 1])
         np.testing.assert_array_equal(est.location_[0], one.location_[0])
