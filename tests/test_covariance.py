@@ -611,6 +611,32 @@ def test_blocked_inverse_of_lower_factors_equals_numpy():
         np.testing.assert_allclose(out.numpy(), np.linalg.inv(L), rtol=1e-10, atol=1e-12)
 
 
+def test_triangular_inverses_by_halves_equal_numpy(monkeypatch):
+    # Blocks wider than 16 are inverted by halves: LAPACK only ever solves
+    # blocks of at most 16 rows (threaded solves of wider ones cost far more).
+    rng = np.random.RandomState(2)
+    widths = []
+    solve = torch.linalg.solve_triangular
+
+    def recording_solve(A, B, **kwargs):
+        widths.append(A.shape[-1])
+        return solve(A, B, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "solve_triangular", recording_solve)
+    eye = torch.eye(64, dtype=torch.float64)
+    for c in (5, 16, 32, 37, 64):
+        A = rng.randn(3, c, c + 3)
+        L = np.linalg.cholesky(A @ A.transpose(0, 2, 1) / c + np.eye(c))
+        widths.clear()
+        # Column-major input (as cholesky_ex returns its factors): same bits.
+        got = skpadim.covariance._triangular_inverse(torch.from_numpy(L), eye)
+        fortran = torch.from_numpy(np.asfortranarray(L.transpose(1, 2, 0)).transpose(2, 0, 1))
+        np.testing.assert_array_equal(skpadim.covariance._triangular_inverse(fortran, eye).numpy(),
+                                      got.numpy())
+        np.testing.assert_allclose(got.numpy(), np.linalg.inv(L), rtol=1e-10, atol=1e-12)
+        assert max(widths) <= 16 and (widths == [c, c]) == (c <= 16)
+
+
 def test_diagonal_block_inverses_equal_numpy_and_fill_every_value():
     rng = np.random.RandomState(1)
     block = 8
