@@ -179,6 +179,9 @@ def environment(threads=None, device="cpu", extra_modules=()):
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        # How idle OpenMP threads wait (None: the library's default, spin then
+        # sleep): sleeping at once makes every small parallel call pay a wake-up.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": device,
         "torch": torch.__version__,
         "skpadim_commit": git_commit(),
@@ -188,6 +191,25 @@ def environment(threads=None, device="cpu", extra_modules=()):
     if device == "cuda" and torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
+
+
+def gemm_gflops(threads, size=2048, repeats=5):
+    """This machine's float32 matrix-product rate (GFLOP/s) with ``threads``
+    threads: the yardstick of a run's timings (on the same virtual machine type
+    it has varied twofold from one day to the next)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        a = torch.randn(size, size)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ a
+        return 2.0 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(before)
 
 
 def print_environment(info):

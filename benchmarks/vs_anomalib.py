@@ -509,7 +509,9 @@ def main(argv=None):
     threads = args.threads or torch.get_num_threads()
     n_features = args.n_features or DEFAULT_N_FEATURES[args.backbone]
     env = common.environment(threads, args.device, extra_modules=("anomalib", "timm"))
+    env["gemm_gflops"] = common.gemm_gflops(threads)
     common.print_environment(env)
+    print(f"float32 2048 x 2048 matrix product: {env['gemm_gflops']:.0f} GFLOP/s")
     print(f"anomalib {env['anomalib']}, timm {env['timm']}; torch threads in every process: {threads}")
 
     with tempfile.TemporaryDirectory(prefix="skpadim-vs-anomalib-") as tmp:
