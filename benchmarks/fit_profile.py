@@ -13,8 +13,9 @@ channels, 550 kept), 200 training images, a 56 x 56 grid, a fixed shrinkage of
 0.01, batches of 32. Phases, timed by wrapping the functions that do them:
 
 * ``select``: the detector's random channel subset (a copy of the kept channels);
-* ``accumulate``: the streamed sums per position (matrix products over the
-  batch's images, lower block triangle only past 128 channels);
+* ``accumulate``: the streamed sums per position (matrix products over up to
+  128 images at a time, lower block triangle only past 128 channels), the last
+  images' products included (added when the finalisation begins);
 * ``cholesky``: the blocked Cholesky factorisation of the shrunk covariances;
 * ``finalise, rest``: centring and shrinkage, writing the factors, and the
   inverses of their diagonal blocks that the blocked solves need;
@@ -134,6 +135,8 @@ def worker(cfg):
         _Timed(det_module._ChannelTaker, "__call__", t,
                lambda: "select in pass" if scoring else "select"),
         _Timed(cov.PatchCovariance, "_accumulate", t, "accumulate"),
+        # The last images' products, added when the finalisation begins.
+        _Timed(cov._Moments, "release", t, "last products"),
         _Timed(cov.PatchCovariance, "_finalize", t, "finalise"),
         _Timed(cov, "_cholesky_blocked_", t, "cholesky"),
         _Timed(cov.PatchCovariance, "_whitening_matrices", t, "whitening"),
@@ -166,9 +169,9 @@ def worker(cfg):
     setup = t.get("whitening", 0.0) + t.get("diagonal inverses", 0.0)
     phases = {
         "select": t.get("select", 0.0),
-        "accumulate": t["accumulate"],
+        "accumulate": t["accumulate"] + t["last products"],
         "cholesky": t.get("cholesky", 0.0),
-        "finalise, rest": t["finalise"] - t.get("cholesky", 0.0),
+        "finalise, rest": t["finalise"] - t.get("cholesky", 0.0) - t["last products"],
         "scoring set-up": setup,
         "threshold pass": t["first pass"] - setup,
     }
@@ -182,12 +185,16 @@ def worker(cfg):
     # The machine's kernels, same process, after the fit.
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gemm = _rate(lambda: a @ b, 2.0 * 2048**3)
-    chunk = min(p, 98)
+    # One product of the accumulation: the images waiting at once, over a
+    # cache-sized chunk of positions.
+    k = min(n, cov._PENDING_IMAGES)
+    chunk = max(1, min(p, cov._GATHER_BYTES // (k * c * 4)))
     rows = cov._row_block(c)
-    Y = torch.randn(chunk, 32, c)
+    Y = torch.randn(chunk, k, c)
     out = torch.empty(chunk, min(rows, c), c)
     products = _rate(lambda: torch.bmm(Y[:, :, : min(rows, c)].mT, Y, out=out),
-                     2.0 * chunk * 32 * min(rows, c) * c)  # fmt: skip
+                     2.0 * chunk * k * min(rows, c) * c)  # fmt: skip
+    chunk = min(p, 98)  # the Cholesky's chunk of 550-wide matrices
     A = torch.randn(chunk, c, c + 16)
     A = A @ A.mT / (c + 16) + 0.01 * torch.eye(c)
     lapack = _rate(lambda: torch.linalg.cholesky_ex(A), chunk * c**3 / 3.0)
