@@ -67,12 +67,14 @@ _GPU_FINALIZE_BYTES = 1 * 2**30
 # the statistics, and products summing over 32 images run at about half the
 # speed of those over 128. They wait in the statistics' spare storage (see
 # _ScatterBlocks: for 550 channels on a 56 x 56 grid 128 images take 883 MB of
-# its 1.7 GB), or, for whole matrices, which leave none, in a buffer of their
-# own bounded by _PENDING_BYTES.
+# its 1.7 GB) when it holds at least as many as a buffer of their own would,
+# else (whole matrices leave none) in a buffer of their own bounded by
+# _PENDING_BYTES.
 _PENDING_IMAGES = 128
 _PENDING_BYTES = 64 * 2**20
-# Bound on the images transposed at once in the input's precision when it has
-# more than the work (bytes), before they are shifted and rounded into the buffer.
+# Bound on the images transposed at once in the reference's precision when the
+# input has more than the work (float64, or integers, which are shifted in
+# float64; bytes), before they are shifted and rounded into the buffer.
 _TRANSPOSE_BYTES = 256 * 2**20
 # Scatter matrices wider than twice this are accumulated in row blocks of this
 # many rows, lower block triangle only: for 550 channels that saves 44% of the
@@ -214,8 +216,10 @@ class _ScatterBlocks:
             S = torch.empty((m, self.c, self.c), dtype=dtype, device=self.device)
         else:
             if self._work is None or self._work.numel() < numel:
+                # For the largest chunk at once: the chunks come last (smallest) first.
+                largest = max(b - a for a, b in self.chunks()) * self.c * self.c
                 self._work = None
-                self._work = torch.empty(numel, dtype=dtype, device=self.device)
+                self._work = torch.empty(max(numel, largest), dtype=dtype, device=self.device)
             S = self._work[:numel].view(m, self.c, self.c)
         at = 0
         for j, a, b in parts:
@@ -338,8 +342,9 @@ class _Moments:
         each position then has its own number of samples (``counts``).
 
         The shifted samples are kept in a buffer of up to ``_PENDING_IMAGES``
-        images, and the scatter matrices updated by one product over all of
-        them (:meth:`flush`): every update reads and writes all of the
+        images (fewer where its size would pass ``_PENDING_BYTES`` and the
+        statistics' spare storage has no room), and the scatter matrices
+        updated by one product over all of them (:meth:`flush`): every update reads and writes all of the
         statistics, so few large updates cost much less memory traffic than one
         per batch, and their products (summing over more images) run closer to
         the machine's peak. With ``defer`` the samples may stay in the buffer
@@ -399,9 +404,10 @@ class _Moments:
             self._buffer = None  # free the old one first
             self._buffer = torch.empty(rows * p * c, dtype=work, device=device)
         rows = self._buffer.numel() // (p * c)
-        # Input of more precision than the work is transposed in its own precision
-        # a bounded block at a time, then shifted and rounded into the buffer;
-        # input of the work's precision goes straight to the buffer.
+        # Input of more precision than the work (or integers) is transposed in
+        # the reference's precision a bounded block at a time, then shifted and
+        # rounded into the buffer; input of the work's precision goes straight
+        # to the buffer.
         raw = None
         if ref.dtype != work:
             block = max(1, min(n, _TRANSPOSE_BYTES // (p * c * ref.element_size())))
@@ -479,6 +485,7 @@ class _Moments:
 
     def mean_variance(self):
         """The variance of a channel averaged over channels and positions (float)."""
+        self.flush()
         total = 0.0
         for j, (start, stop) in enumerate(self.s2.chunks()):
             n = self.sample_counts(slice(start, stop))
@@ -504,6 +511,7 @@ class _Moments:
         of ``m2`` and ``q = sum |x - mean|^4`` (float64), else None. All come from
         the sums about ``ref`` moved by ``d = mean - ref``, a small shift.
         """
+        self.flush()
         n = self.sample_counts(idx)
         per_position = isinstance(n, torch.Tensor)
         d = self.s1[idx] / (n[:, None] if per_position else n)

@@ -263,6 +263,8 @@ def test_large_models_score_by_triangular_solves(monkeypatch, block):
     fast = est.mahalanobis(X[:4])
     monkeypatch.setattr(skpadim.covariance, "_WHITENING_BYTES", 0)
     monkeypatch.setattr(skpadim.covariance, "_SOLVE_BLOCK", block)
+    # Diagonal blocks inverted by halves (as 32-wide ones are), in the fit and after loading.
+    monkeypatch.setattr(skpadim.covariance, "_TRSM_LEAF", 3)
     monkeypatch.setattr(skpadim.covariance, "_SOLVE_CHUNK_BYTES", 2000)  # several chunks
     est_big = PatchCovariance(shrinkage=0.05, dtype="float64").fit(X)
     assert ("_block_inverses" in est_big.__dict__) == (block == 32)
