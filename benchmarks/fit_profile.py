@@ -183,8 +183,7 @@ def worker(cfg):
     }
 
     # The machine's kernels, same process, after the fit.
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    gemm = _rate(lambda: a @ b, 2.0 * 2048**3)
+    gemm = common.gemm_gflops(cfg["threads"])
     # One product of the accumulation: the images waiting at once, over a
     # cache-sized chunk of positions.
     k = min(n, cov._PENDING_IMAGES)
