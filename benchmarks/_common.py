@@ -54,15 +54,20 @@ class PeakRSS:
 
     ``start`` is the RSS when the phase began, ``peak`` the largest value seen
     (sampled every ``interval`` seconds, so a spike shorter than that may be
-    missed), ``increase`` their difference.
+    missed), ``increase`` their difference. ``quantile(q)`` is that of all the
+    samples: the peak of a long phase is the rarest coincidence of its
+    allocations, so it can rise with the phase's length while the RSS that the
+    phase keeps returning to does not.
     """
 
     def __init__(self, interval=0.005):
         self.interval = interval
         self.start = self.peak = 0
+        self.samples = []
 
     def __enter__(self):
         self.start = self.peak = current_rss_bytes()
+        self.samples = [self.start]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -70,18 +75,25 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss_bytes())
+            rss = current_rss_bytes()
+            self.samples.append(rss)
+            self.peak = max(self.peak, rss)
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, current_rss_bytes())
+        self.samples.append(current_rss_bytes())
+        self.peak = max(self.peak, self.samples[-1])
         return False
 
     @property
     def increase(self):
         return self.peak - self.start
+
+    def quantile(self, q):
+        """The ``q`` quantile (0 to 1) of the sampled RSS, in bytes."""
+        return float(np.quantile(self.samples, q))
 
 
 # -- time ----------------------------------------------------------------------
@@ -182,6 +194,9 @@ def environment(threads=None, device="cpu", extra_modules=()):
         # How idle OpenMP threads wait (None: the library's default, spin then
         # sleep): sleeping at once makes every small parallel call pay a wake-up.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        # The C library's allocator settings (glibc's MALLOC_*_ variables): they
+        # decide how much freed memory a process keeps, hence its peak RSS.
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "device": device,
         "torch": torch.__version__,
         "skpadim_commit": git_commit(),
