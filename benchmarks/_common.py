@@ -49,6 +49,38 @@ def current_rss_bytes():
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def glibc_heap():
+    """``(in use, kept free)`` bytes of glibc's allocator, or None elsewhere.
+
+    In use: the blocks allocated now (in its heaps, and mapped on their own).
+    Kept free: memory freed by the program that the heaps still hold, part of the
+    RSS wherever it has been written to, to serve later allocations without new
+    page faults.
+    """
+    global _MALLINFO2
+    if _MALLINFO2 is None:
+        try:
+            import ctypes
+
+            class _Mallinfo2(ctypes.Structure):
+                _fields_ = [(name, ctypes.c_size_t) for name in (
+                    "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                    "uordblks", "fordblks", "keepcost")]
+
+            function = ctypes.CDLL(None).mallinfo2  # glibc 2.33 and later
+            function.restype = _Mallinfo2
+            _MALLINFO2 = function
+        except (OSError, AttributeError):
+            _MALLINFO2 = False
+    if not _MALLINFO2:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd, info.fordblks
+
+
+_MALLINFO2 = None
+
+
 class PeakRSS:
     """Context manager sampling the RSS in a thread: the peak during a phase.
 
@@ -60,14 +92,19 @@ class PeakRSS:
     phase keeps returning to does not.
     """
 
-    def __init__(self, interval=0.005):
+    def __init__(self, interval=0.005, heap=False):
         self.interval = interval
         self.start = self.peak = 0
         self.samples = []
+        # With ``heap``, the largest in-use and kept-free byte counts of the C
+        # library's allocator seen (see glibc_heap), or None where it cannot tell.
+        self.heap = heap
+        self.heap_in_use = self.heap_kept_free = None
 
     def __enter__(self):
         self.start = self.peak = current_rss_bytes()
         self.samples = [self.start]
+        self._sample_heap()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -78,7 +115,14 @@ class PeakRSS:
             rss = current_rss_bytes()
             self.samples.append(rss)
             self.peak = max(self.peak, rss)
+            self._sample_heap()
             self._stop.wait(self.interval)
+
+    def _sample_heap(self):
+        heap = glibc_heap() if self.heap else None
+        if heap is not None:
+            self.heap_in_use = max(self.heap_in_use or 0, heap[0])
+            self.heap_kept_free = max(self.heap_kept_free or 0, heap[1])
 
     def __exit__(self, *exc):
         self._stop.set()

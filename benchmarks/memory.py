@@ -3,11 +3,12 @@
 ``fit``: each configuration runs in a fresh process whose peak RSS (``ru_maxrss``)
 is that fit's alone; the training images are real texture tiles produced on demand
 from their index, so the data itself takes no memory and what grows, if anything,
-is the detector's. The RSS is also sampled every 20 ms during the fit, and the
-median and 99th percentile of the samples are reported next to the peak: each
-batch allocates and frees the backbone's activations, the C library keeps part
-of the freed memory for later batches, and the peak is the rare moment when the
-most of both coincide, which a fit over more batches is more likely to meet.
+is the detector's. The RSS is also sampled every 20 ms during the fit (its
+median and 99th percentile are reported), and where the C library is glibc, so
+are the largest amounts of memory its allocator had in use and kept free: each
+batch allocates and frees the backbone's activations, the allocator keeps part
+of the freed memory to serve later batches, and the peak RSS is the moment when
+the most of both coincide.
 
 ``stream``: one detector scores a generator of images (``iter_anomaly_maps``), and
 the RSS is sampled every ``--every`` images: it should stay flat.
@@ -103,11 +104,14 @@ def fit_worker(cfg):
     base = current_rss_bytes()
     det = _detector(cfg)
     start = time.perf_counter()
-    with PeakRSS(interval=0.02) as sampled:
+    with PeakRSS(interval=0.02, heap=True) as sampled:
         det.fit(TextureTiles(cfg["n"], _tile_size(cfg)))
+    in_use, kept = sampled.heap_in_use, sampled.heap_kept_free
     return {"n_images": cfg["n"], "fit_s": time.perf_counter() - start,
             "rss_base_mib": base / MIB, "peak_rss_mib": max_rss_bytes() / MIB,
             "rss_median_mib": sampled.quantile(0.5) / MIB, "rss_p99_mib": sampled.quantile(0.99) / MIB,
+            "malloc_in_use_max_mib": None if in_use is None else in_use / MIB,
+            "malloc_kept_free_max_mib": None if kept is None else kept / MIB,
             "frame": "x".join(map(str, det.input_shape_)),
             "n_features": len(det.channel_indices_)}
 
@@ -134,7 +138,8 @@ def run_fit(args):
         for level in ("median", "p99"):
             r[f"{level}_vs_first"] = r[f"rss_{level}_mib"] / first[f"rss_{level}_mib"]
     columns = ["n_images", "frame", "n_features", "fit_s", "rss_base_mib", "peak_rss_mib",
-               "vs_first", "rss_median_mib", "median_vs_first", "rss_p99_mib", "p99_vs_first"]
+               "vs_first", "rss_median_mib", "median_vs_first", "rss_p99_mib", "p99_vs_first",
+               "malloc_in_use_max_mib", "malloc_kept_free_max_mib"]
     print(format_table(rows, columns))
     name = f"memory_fit_{args.backbone}_rd{args.n_features}"
     if args.tile:
