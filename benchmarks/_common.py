@@ -55,7 +55,9 @@ def glibc_heap():
     In use: the blocks allocated now (in its heaps, and mapped on their own).
     Kept free: memory freed by the program that the heaps still hold, part of the
     RSS wherever it has been written to, to serve later allocations without new
-    page faults.
+    page faults. None where glibc's ``mallinfo2`` is missing (glibc before 2.33,
+    other C libraries); with another allocator preloaded (jemalloc, tcmalloc)
+    glibc's figures miss most of the memory.
     """
     global _MALLINFO2
     if _MALLINFO2 is None:
@@ -70,7 +72,7 @@ def glibc_heap():
             function = ctypes.CDLL(None).mallinfo2  # glibc 2.33 and later
             function.restype = _Mallinfo2
             _MALLINFO2 = function
-        except (OSError, AttributeError):
+        except Exception:  # no such function, or no C library to load it from
             _MALLINFO2 = False
     if not _MALLINFO2:
         return None
