@@ -20,7 +20,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._device import resolve_device
 from ._images import ValidatedImages, count_images, image_subset, images_per_batch, iter_image_batches
-from ._memory import RELEASE_EVERY_BATCHES, release_freed_memory
 from .covariance import PatchCovariance
 from .feature_extraction import PatchEmbeddings, TorchvisionExtractor, _as_patch_embeddings, _input_frame
 from .metrics import _normal_flags
@@ -766,11 +765,7 @@ class PatchGaussianDetector(_ImageOutlierDetector, BaseEstimator):
             )
         # A custom extractor that does not tell its frame gets batch_size images.
         per_batch = images_per_batch(self.batch_size, _input_frame(extractor))
-        for i, batch in enumerate(iter_image_batches(X, per_batch)):
-            if i and i % RELEASE_EVERY_BATCHES == 0:
-                # The allocator would otherwise keep more and more of the
-                # earlier batches' activations (see _memory).
-                release_freed_memory()
+        for batch in iter_image_batches(X, per_batch):
             if channels is not None:
                 yield extractor._transform(ValidatedImages(batch), channels)
                 continue
