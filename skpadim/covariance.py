@@ -65,11 +65,11 @@ _GPU_FINALIZE_BYTES = 1 * 2**30
 # them: every update of the scatter matrices reads and writes all of them, so a
 # batch of the detector (32 images) per update spends much of its time moving
 # the statistics, and products summing over 32 images run slower than those
-# over 128 (for 550 channels, 58 against 105 GFLOP/s on a 2-core CPU). They wait in the statistics' spare storage (see
-# _ScatterBlocks: for 550 channels on a 56 x 56 grid 128 images take 883 MB of
-# its 1.7 GB) when it holds at least as many as a buffer of their own would,
-# else (whole matrices leave none) in a buffer of their own bounded by
-# _PENDING_BYTES.
+# over 128 (for 550 channels, 58 against 105 GFLOP/s on a 2-core CPU). They
+# wait in the statistics' spare storage (see _ScatterBlocks: for 550 channels
+# on a 56 x 56 grid 128 images take 883 MB of its 1.7 GB) when it holds at
+# least as many as a buffer of their own would, else (whole matrices leave
+# none) in a buffer of their own bounded by _PENDING_BYTES.
 _PENDING_IMAGES = 128
 _PENDING_BYTES = 64 * 2**20
 # Bound on the images transposed at once in the reference's precision when the
@@ -344,10 +344,10 @@ class _Moments:
         The shifted samples are kept in a buffer of up to ``_PENDING_IMAGES``
         images (fewer where its size would pass ``_PENDING_BYTES`` and the
         statistics' spare storage has no room), and the scatter matrices
-        updated by one product over all of them (:meth:`flush`): every update reads and writes all of the
-        statistics, so few large updates cost much less memory traffic than one
-        per batch, and their products (summing over more images) run closer to
-        the machine's peak. With ``defer`` the samples may stay in the buffer
+        updated by one product over all of them (:meth:`flush`): every update
+        reads and writes all of the statistics, so few large updates cost much
+        less memory traffic than one per batch, and their products (summing
+        over more images) run closer to the machine's peak. With ``defer`` the samples may stay in the buffer
         after the call, for the next calls to fill it; the caller then flushes
         (or releases) before the statistics are read.
         """
