@@ -13,7 +13,7 @@ the most of both coincide.
 ``stream``: one detector scores a generator of images (``iter_anomaly_maps``), and
 the RSS is sampled every ``--every`` images: it should stay flat.
 
-    python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 400 5000
+    python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 5000
     python benchmarks/memory.py fit --backbone wide_resnet50_2 --weights none --n-features 550 --n 200 400
     python benchmarks/memory.py stream --n 10000
     python benchmarks/memory.py fit --image-size auto --n-features auto --tile 500 1260 --n 200
