@@ -7,12 +7,13 @@ in the same process what the machine's own kernels reach at comparable shapes,
 so that a reader can see which phase is far from the hardware and which is not.
 
 Each configuration runs in a fresh Python process on random patch embeddings of
-the shapes ``vs_anomalib.py`` uses (the time does not depend on the values):
-ResNet-18 / Rd100 (448 channels, 100 kept) and Wide-ResNet-50 / Rd550 (1792
-channels, 550 kept), 200 training images, a 56 x 56 grid, a fixed shrinkage of
-0.01, batches of 32. Phases, timed by wrapping the functions that do them:
+the shapes ``vs_anomalib.py`` gives the detector (the time does not depend on
+the values): the channels anomalib keeps, which that script copies out in the
+feature step on both sides, so the detector keeps every channel it is given
+(``n_features=None``): ResNet-18 / Rd100 and Wide-ResNet-50 / Rd550, 200
+training images, a 56 x 56 grid, a fixed shrinkage of 0.01, batches of 32.
+Phases, timed by wrapping the functions that do them:
 
-* ``select``: the detector's random channel subset (a copy of the kept channels);
 * ``accumulate``: the streamed sums per position (matrix products over up to
   128 images at a time, lower block triangle only past 128 channels), the last
   images' products included (added when the finalisation begins);
@@ -29,6 +30,10 @@ channels, 550 kept), 200 training images, a 56 x 56 grid, a fixed shrinkage of
 The phases add up to ``fit``. ``Gaussian fit`` is ``fit`` minus a second,
 identical threshold pass, as ``vs_anomalib.py`` counts it; shares are of it (the
 two threshold passes differ by a few percent, so the shares add up to about 1).
+With ``--repeats``, each configuration is fitted that many times, each in a
+fresh process, and the table gives every phase's median (which add up to
+``fit`` only roughly); each run's figures are kept in the JSON file and its
+Gaussian fit printed, since a fit's time varies by 10-25% from run to run.
 
 Machine reference, measured in the same process after the fit:
 
@@ -36,31 +41,35 @@ Machine reference, measured in the same process after the fit:
 * ``accumulate's products``: one batched product of the accumulation's shape;
 * ``LAPACK cholesky``: ``torch.linalg.cholesky_ex`` on a chunk of whole matrices;
 * ``first touch``: seconds per GiB to write memory just allocated, minus writing
-  it again (page faults), next to the size of the one allocation that holds the
+  it again (page faults), measured twice: at the start of the process, and after
+  the fit, when the process holds the embeddings and the fitted model (its RSS
+  is given). Next to it, the size of the one allocation that holds the
   statistics and then the factors (touched partly while accumulating, the rest
-  when the factors are written). The rate varies from process to process.
+  when the factors are written). On some virtual machines the rate grows with
+  the memory the process already holds, as new pages must first be backed by
+  the host; the second figure is the nearer to what the fit's own allocations met.
 
-    python benchmarks/fit_profile.py [--configs r18 wr50] [--n-train 200] [--threads 2]
+    python benchmarks/fit_profile.py [--configs r18 wr50] [--n-train 200] [--threads 2] [--repeats 1]
 """
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
 CONFIGS = {
-    "r18": {"label": "ResNet-18 / Rd100", "channels": 448, "n_features": 100},
-    "wr50": {"label": "Wide-ResNet-50 / Rd550", "channels": 1792, "n_features": 550},
+    "r18": {"label": "ResNet-18 / Rd100", "n_features": 100},
+    "wr50": {"label": "Wide-ResNet-50 / Rd550", "n_features": 550},
 }
 GRID = 56
-PHASES = ("select", "accumulate", "cholesky", "finalise, rest", "scoring set-up", "threshold pass",
-          "other")
+PHASES = ("accumulate", "cholesky", "finalise, rest", "scoring set-up", "threshold pass", "other")
 COLUMNS = ("config", "phase", "seconds", "share of fit", "GFLOP", "GFLOP/s", "of gemm")
 
 
@@ -108,10 +117,23 @@ def _lower_block_values(c):
     return sum((min(r0 + rows, c) - r0) * min(r0 + rows, c) for r0 in range(0, c, rows))
 
 
+def _first_touch_s_per_gib():
+    """Seconds per GiB that page faults add to writing memory just allocated."""
+    import torch
+
+    gib = 2**30
+    buf = torch.empty(gib // 4)
+    start = time.perf_counter()
+    buf.fill_(1.0)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    buf.fill_(2.0)
+    return first - (time.perf_counter() - start)
+
+
 def worker(cfg):
     import contextlib
 
-    import numpy as np
     import torch
 
     import skpadim.covariance as cov
@@ -119,21 +141,18 @@ def worker(cfg):
     from skpadim import PatchEmbeddings, PatchGaussianDetector
 
     common.set_threads(cfg["threads"])
-    n, c_in, c = cfg["n_train"], cfg["channels"], cfg["n_features"]
+    touch_at_start = _first_touch_s_per_gib()
+    n, c = cfg["n_train"], cfg["n_features"]
     p = GRID * GRID
     rng = torch.Generator().manual_seed(0)
-    X = PatchEmbeddings(torch.randn(n, c_in, GRID, GRID, generator=rng).numpy(),
+    X = PatchEmbeddings(torch.randn(n, c, GRID, GRID, generator=rng).numpy(),
                         resize_shape=(4 * GRID, 4 * GRID))  # fmt: skip
     # Warm-up: lazy library loading and first-call set-up are not timed.
     PatchGaussianDetector(n_features=8, shrinkage=0.01, pooling=1, random_state=0).fit(X[:4])
-    det = PatchGaussianDetector(n_features=c, shrinkage=0.01, pooling=1, image_score="max",
+    det = PatchGaussianDetector(n_features=None, shrinkage=0.01, pooling=1, image_score="max",
                                 batch_size=32, random_state=0)  # fmt: skip
     t = {}
-    # The first scoring pass selects channels too: counted there, not in "select".
-    scoring = []
     wrappers = [
-        _Timed(det_module._ChannelTaker, "__call__", t,
-               lambda: "select in pass" if scoring else "select"),
         _Timed(cov.PatchCovariance, "_accumulate", t, "accumulate"),
         # The last images' products, added when the finalisation begins.
         _Timed(cov._Moments, "release", t, "last products"),
@@ -143,19 +162,7 @@ def worker(cfg):
         _Timed(cov.PatchCovariance, "_diagonal_inverses", t, "diagonal inverses"),
         _Timed(det_module.PatchGaussianDetector, "_score_samples", t, "first pass"),
     ]
-    plain_score_samples = det_module.PatchGaussianDetector._score_samples
-
-    def flagged_score_samples(*args, **kwargs):
-        scoring.append(True)
-        try:
-            return plain_score_samples(*args, **kwargs)
-        finally:
-            scoring.pop()
-
     with contextlib.ExitStack() as stack:
-        det_module.PatchGaussianDetector._score_samples = flagged_score_samples
-        stack.callback(setattr, det_module.PatchGaussianDetector, "_score_samples",
-                       plain_score_samples)  # fmt: skip
         for w in wrappers:
             stack.enter_context(w)
         start = time.perf_counter()
@@ -168,7 +175,6 @@ def worker(cfg):
     # Set-up done once by the first scoring call (the threshold pass in fit).
     setup = t.get("whitening", 0.0) + t.get("diagonal inverses", 0.0)
     phases = {
-        "select": t.get("select", 0.0),
         "accumulate": t["accumulate"] + t["last products"],
         "cholesky": t.get("cholesky", 0.0),
         "finalise, rest": t["finalise"] - t.get("cholesky", 0.0) - t["last products"],
@@ -181,6 +187,8 @@ def worker(cfg):
         "cholesky": p * c**3 / 3.0,
         "scoring set-up": p * c**3 / 3.0 if t.get("whitening") else None,
     }
+    rss_after_fit = common.current_rss_bytes()
+    touch_after_fit = _first_touch_s_per_gib()
 
     # The machine's kernels, same process, after the fit.
     gemm = common.gemm_gflops(cfg["threads"])
@@ -199,39 +207,44 @@ def worker(cfg):
     lapack = _rate(lambda: torch.linalg.cholesky_ex(A), chunk * c**3 / 3.0)
     del A, Y, out
     gib = 2**30
-    buf = torch.empty(gib // 4)
-    start = time.perf_counter()
-    buf.fill_(1.0)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    buf.fill_(2.0)
-    again = time.perf_counter() - start
-    del buf
     storage_gib = p * c * c * 4 / gib
 
-    rows_out = []
-    for phase in PHASES:
-        seconds = phases[phase]
-        f = flops.get(phase)
-        rate = f / seconds / 1e9 if f and seconds > 0 else None
-        rows_out.append({
-            "config": cfg["label"], "phase": phase, "seconds": seconds,
-            "share of fit": None if phase == "threshold pass" else seconds / gaussian_s,
-            "GFLOP": None if f is None else f / 1e9,
-            "GFLOP/s": rate, "of gemm": None if rate is None else rate / gemm,
-        })  # fmt: skip
-    rows_out.append({"config": cfg["label"], "phase": "fit", "seconds": fit_s})
-    rows_out.append({"config": cfg["label"], "phase": "second threshold pass", "seconds": threshold_s})
-    rows_out.append({"config": cfg["label"], "phase": "Gaussian fit", "seconds": gaussian_s,
-                     "share of fit": 1.0})  # fmt: skip
+    seconds = dict(phases, **{"fit": fit_s, "second threshold pass": threshold_s,
+                              "Gaussian fit": gaussian_s})  # fmt: skip
     machine = {
         "gemm 2048 GFLOP/s": gemm,
         "accumulate's products GFLOP/s": products,
         "LAPACK cholesky GFLOP/s": lapack,
-        "first touch s/GiB": first - again,
+        "first touch s/GiB, process start": touch_at_start,
+        "first touch s/GiB, after the fit": touch_after_fit,
+        "RSS GiB after the fit": rss_after_fit / gib,
         "statistics and factors GiB": storage_gib,
     }
-    return {"rows": rows_out, "machine": machine}
+    return {"seconds": seconds, "flops": flops, "machine": machine}
+
+
+def _table_rows(label, runs):
+    """One row per phase: the median seconds over ``runs`` (worker results), with
+    the phase's share of the median Gaussian fit and its rate, against the median
+    float32 product rate of those runs."""
+    median = {key: float(np.median([r["seconds"][key] for r in runs])) for key in runs[0]["seconds"]}
+    gemm = float(np.median([r["machine"]["gemm 2048 GFLOP/s"] for r in runs]))
+    gaussian = median["Gaussian fit"]
+    rows = []
+    for phase in PHASES:
+        f = runs[0]["flops"].get(phase)
+        rate = f / median[phase] / 1e9 if f and median[phase] > 0 else None
+        rows.append({
+            "config": label, "phase": phase, "seconds": median[phase],
+            "share of fit": None if phase == "threshold pass" else median[phase] / gaussian,
+            "GFLOP": None if f is None else f / 1e9,
+            "GFLOP/s": rate, "of gemm": None if rate is None else rate / gemm,
+        })  # fmt: skip
+    rows.append({"config": label, "phase": "fit", "seconds": median["fit"]})
+    rows.append({"config": label, "phase": "second threshold pass",
+                 "seconds": median["second threshold pass"]})  # fmt: skip
+    rows.append({"config": label, "phase": "Gaussian fit", "seconds": gaussian, "share of fit": 1.0})
+    return rows
 
 
 def main(argv=None):
@@ -239,6 +252,8 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="fresh processes per configuration; the table gives medians")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -248,20 +263,26 @@ def main(argv=None):
         return
     env = common.environment(args.threads)
     common.print_environment(env)
-    rows, machines = [], {}
+    rows, runs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
             cfg = dict(CONFIGS[name], n_train=args.n_train, threads=args.threads)
-            print(f"[{name}] fitting in a fresh process ...", flush=True)
-            result = common.run_worker(Path(__file__).resolve(), cfg, tmp, args.threads, name)
-            rows += result["rows"]
-            machines[cfg["label"]] = result["machine"]
+            label = cfg["label"]
+            runs[label] = []
+            for i in range(args.repeats):
+                print(f"[{name}] fitting in a fresh process ({i + 1} of {args.repeats}) ...", flush=True)
+                runs[label].append(
+                    common.run_worker(Path(__file__).resolve(), cfg, tmp, args.threads, f"{name}{i}"))
+            rows += _table_rows(label, runs[label])
     print(common.format_table(rows, COLUMNS))
-    for label, machine in machines.items():
-        print(f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in machine.items()))
+    for label, results in runs.items():
+        fits = ", ".join(f"{r['seconds']['Gaussian fit']:.2f}" for r in results)
+        print(f"{label}: Gaussian fit of each run (s): {fits}")
+        for i, r in enumerate(results):
+            print(f"  run {i + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["machine"].items()))
     meta = {"config": {k: v for k, v in vars(args).items() if k != "worker"},
             "shapes": {k: dict(v, grid=GRID) for k, v in CONFIGS.items()},
-            "machine_reference": machines, "environment": env}  # fmt: skip
+            "runs": runs, "environment": env}  # fmt: skip
     common.write_results("fit_profile", rows, COLUMNS, meta)
 
 
