@@ -593,29 +593,6 @@ def test_blocked_cholesky_matches_lapack():
     ]
 
 
-def test_blocked_cholesky_in_groups_matches_one_group(monkeypatch):
-    # A batch is factorised a cache-sized group of matrices at a time: each
-    # matrix's factor, diagonal-block inverses and failure flag must not depend
-    # on which group it falls in.
-    rng = np.random.RandomState(14)
-    A = rng.randn(5, 37, 60)
-    cov = torch.from_numpy(A @ A.transpose(0, 2, 1) / 60)
-    cov[3, 20, 20] = -1.0  # not positive definite
-    results = []
-    for group in (5, 2):  # one group, then groups of 2, 2 and 1
-        monkeypatch.setattr(skpadim.covariance, "_CHOLESKY_GROUP_BYTES", group * 37 * 37 * 8)
-        work = cov.clone()
-        inverses = torch.zeros(5, 3, 16, 16, dtype=torch.float64)
-        failed = skpadim.covariance._cholesky_blocked_(work, 16, diag_inverses=inverses)
-        results.append((failed, work, inverses))
-    (failed_one, work_one, inv_one), (failed, work, inverses) = results
-    assert failed.tolist() == failed_one.tolist() == [False, False, False, True, False]
-    ok = ~failed
-    torch.testing.assert_close(work[ok], work_one[ok], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(inverses[ok], inv_one[ok], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(work[ok], torch.linalg.cholesky(cov[ok]), rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_embeddings_are_rejected(bad):
     X = _embeddings(dtype=np.float32)
