@@ -1,9 +1,11 @@
 """Peak memory of fitting against the number of images, and of scoring a long stream.
 
 ``fit``: each configuration runs in a fresh process whose peak RSS (``ru_maxrss``)
-is that fit's alone; the training images are real texture tiles produced on demand
-from their index, so the data itself takes no memory and what grows, if anything,
-is the detector's. The RSS is also sampled every 20 ms during the fit (its
+is that fit's alone; ``--repeats`` runs each number of images several times, as
+the peak of the same fit varies by a few percent from process to process (ratios
+are to the median of the first number's runs). The training images are real
+texture tiles produced on demand from their index, so the data itself takes no
+memory and what grows, if anything, is the detector's. The RSS is also sampled every 20 ms during the fit (its
 median and 99th percentile are reported), and where the C library is glibc, so
 are the largest amounts of memory its allocator had in use and kept free: each
 batch allocates and frees the backbone's activations, the allocator keeps part
@@ -129,25 +131,37 @@ def run_fit(args):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
-            cfg = dict(vars(args), n=n, func=None)
-            print(f"fitting on {n} images ...", flush=True)
-            rows.append(run_worker(__file__, cfg, tmp, args.threads, f"fit{n}"))
-    first = rows[0]
-    for r in rows:
-        r["vs_first"] = r["peak_rss_mib"] / first["peak_rss_mib"]
-        for level in ("median", "p99"):
-            r[f"{level}_vs_first"] = r[f"rss_{level}_mib"] / first[f"rss_{level}_mib"]
-    columns = ["n_images", "frame", "n_features", "fit_s", "rss_base_mib", "peak_rss_mib",
+            for run in range(1, args.repeats + 1):
+                cfg = dict(vars(args), n=n, func=None)
+                print(f"fitting on {n} images (run {run} of {args.repeats}) ...", flush=True)
+                rows.append(dict(run_worker(__file__, cfg, tmp, args.threads, f"fit{n}_{run}"), run=run))
+    # Ratios to the median of the first size's runs.
+    first = [r for r in rows if r["n_images"] == args.n[0]]
+    for key, ratio in (("peak_rss_mib", "vs_first"), ("rss_median_mib", "median_vs_first"),
+                       ("rss_p99_mib", "p99_vs_first")):
+        base = float(np.median([r[key] for r in first]))
+        for r in rows:
+            r[ratio] = r[key] / base
+    columns = ["n_images", "run", "frame", "n_features", "fit_s", "rss_base_mib", "peak_rss_mib",
                "vs_first", "rss_median_mib", "median_vs_first", "rss_p99_mib", "p99_vs_first",
                "malloc_in_use_max_mib", "malloc_kept_free_max_mib"]
     print(format_table(rows, columns))
+    summary = []
+    for n in args.n:
+        peaks = [r["peak_rss_mib"] for r in rows if r["n_images"] == n]
+        summary.append({"n_images": n, "runs": len(peaks), "peak_rss_min_mib": min(peaks),
+                        "peak_rss_median_mib": float(np.median(peaks)), "peak_rss_max_mib": max(peaks)})
+    for entry in summary:
+        entry["median_vs_first"] = entry["peak_rss_median_mib"] / summary[0]["peak_rss_median_mib"]
+    if args.repeats > 1:
+        print(format_table(summary, list(summary[0])))
     name = f"memory_fit_{args.backbone}_rd{args.n_features}"
     if args.tile:
         name += f"_tile{args.tile[0]}x{args.tile[1]}"
     if args.tag:
         name += f"_{args.tag}"
     meta = {"config": {k: v for k, v in vars(args).items() if k != "func"},
-            "environment": environment(args.threads)}
+            "peak_rss_by_size": summary, "environment": environment(args.threads)}
     write_results(name, rows, columns, meta)
 
 
@@ -195,6 +209,8 @@ def main(argv=None):
         p.add_argument("--threads", type=int, default=2)
     sub.choices["fit"].add_argument("--n", type=int, nargs="+", default=[200, 400])
     sub.choices["fit"].add_argument("--tag", default="", help="extra text for the result file names")
+    sub.choices["fit"].add_argument("--repeats", type=int, default=1,
+                                    help="fresh processes per number of images")
     sub.choices["stream"].add_argument("--n", type=int, default=10000)
     sub.choices["stream"].add_argument("--n-train", type=int, default=50)
     sub.choices["stream"].add_argument("--every", type=int, default=1000)
