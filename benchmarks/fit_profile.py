@@ -35,7 +35,7 @@ fresh process, and the table gives every phase's median (which add up to
 ``fit`` only roughly); each run's figures are kept in the JSON file and its
 Gaussian fit printed, since a fit's time varies by 10-25% from run to run.
 
-Machine reference, measured in the same process after the fit:
+Machine reference, measured in the same process, after the fit unless stated:
 
 * ``gemm``: a float32 2048 x 2048 matrix product (the machine's practical peak);
 * ``accumulate's products``: one batched product of the accumulation's shape;
@@ -46,8 +46,9 @@ Machine reference, measured in the same process after the fit:
   is given). Next to it, the size of the one allocation that holds the
   statistics and then the factors (touched partly while accumulating, the rest
   when the factors are written). On some virtual machines the rate grows with
-  the memory the process already holds, as new pages must first be backed by
-  the host; the second figure is the nearer to what the fit's own allocations met.
+  the memory the process already holds (presumably as new pages must first be
+  backed by the host); the two figures bracket the sizes the process went
+  through during the fit.
 
     python benchmarks/fit_profile.py [--configs r18 wr50] [--n-train 200] [--threads 2] [--repeats 1]
 """
