@@ -5,17 +5,19 @@ is that fit's alone; ``--repeats`` runs each number of images several times, as
 the peak of the same fit varies by a few percent from process to process (ratios
 are to the median of the first number's runs). The training images are real
 texture tiles produced on demand from their index, so the data itself takes no
-memory and what grows, if anything, is the detector's. The RSS is also sampled every 20 ms during the fit (its
-median and 99th percentile are reported), and where the C library is glibc, so
-are the largest amounts of memory its allocator had in use and kept free: each
-batch allocates and frees the backbone's activations, the allocator keeps part
-of the freed memory to serve later batches, and the peak RSS is the moment when
-the most of both coincide.
+memory and what grows, if anything, is the detector's. The RSS is also sampled
+every 20 ms during the fit (its median and 99th percentile are reported), and
+where the C library is glibc, so are the largest amounts of memory its allocator
+had in use and kept free: each batch allocates and frees the backbone's
+activations, the allocator keeps part of the freed memory to serve later
+batches, and the peak RSS is the moment when the most of both coincide.
 
 ``stream``: one detector scores a generator of images (``iter_anomaly_maps``), and
 the RSS is sampled every ``--every`` images: it should stay flat.
 
     python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 5000
+    python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 5000 \
+        --repeats 3 --tag r3
     python benchmarks/memory.py fit --backbone wide_resnet50_2 --weights none --n-features 550 --n 200 400
     python benchmarks/memory.py stream --n 10000
     python benchmarks/memory.py fit --image-size auto --n-features auto --tile 500 1260 --n 200
