@@ -70,13 +70,13 @@ CONFIGS = {
     "wr50": {"label": "Wide-ResNet-50 / Rd550", "n_features": 550},
 }
 GRID = 56
+GIB = 2**30
 PHASES = ("accumulate", "cholesky", "finalise, rest", "scoring set-up", "threshold pass", "other")
 COLUMNS = ("config", "phase", "seconds", "share of fit", "GFLOP", "GFLOP/s", "of gemm")
 
 
 class _Timed:
-    """Replace ``owner.name`` by a wrapper adding its wall time to ``totals[key]``
-    (``key`` a string, or a function giving it at each call)."""
+    """Replace ``owner.name`` by a wrapper adding its wall time to ``totals[key]``."""
 
     def __init__(self, owner, name, totals, key):
         self.owner, self.name, self.totals, self.key = owner, name, totals, key
@@ -90,8 +90,7 @@ class _Timed:
             try:
                 return original(*args, **kwargs)
             finally:
-                k = key() if callable(key) else key
-                totals[k] = totals.get(k, 0.0) + time.perf_counter() - start
+                totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
         setattr(self.owner, self.name, timed)
         return self
@@ -122,8 +121,7 @@ def _first_touch_s_per_gib():
     """Seconds per GiB that page faults add to writing memory just allocated."""
     import torch
 
-    gib = 2**30
-    buf = torch.empty(gib // 4)
+    buf = torch.empty(GIB // 4)
     start = time.perf_counter()
     buf.fill_(1.0)
     first = time.perf_counter() - start
@@ -207,8 +205,7 @@ def worker(cfg):
     A = A @ A.mT / (c + 16) + 0.01 * torch.eye(c)
     lapack = _rate(lambda: torch.linalg.cholesky_ex(A), chunk * c**3 / 3.0)
     del A, Y, out
-    gib = 2**30
-    storage_gib = p * c * c * 4 / gib
+    storage_gib = p * c * c * 4 / GIB
 
     seconds = dict(phases, **{"fit": fit_s, "second threshold pass": threshold_s,
                               "Gaussian fit": gaussian_s})  # fmt: skip
@@ -218,7 +215,7 @@ def worker(cfg):
         "LAPACK cholesky GFLOP/s": lapack,
         "first touch s/GiB, process start": touch_at_start,
         "first touch s/GiB, after the fit": touch_after_fit,
-        "RSS GiB after the fit": rss_after_fit / gib,
+        "RSS GiB after the fit": rss_after_fit / GIB,
         "statistics and factors GiB": storage_gib,
     }
     return {"seconds": seconds, "flops": flops, "machine": machine}
