@@ -347,9 +347,10 @@ class _Moments:
         updated by one product over all of them (:meth:`flush`): every update
         reads and writes all of the statistics, so few large updates cost much
         less memory traffic than one per batch, and their products (summing
-        over more images) run closer to the machine's peak. With ``defer`` the samples may stay in the buffer
-        after the call, for the next calls to fill it; the caller then flushes
-        (or releases) before the statistics are read.
+        over more images) run closer to the machine's peak. With ``defer`` the
+        samples may stay in the buffer after the call, for the next calls to
+        fill it; the caller then flushes (or releases) before the statistics are
+        read.
         """
         n, c, p = X.shape
         s2 = self.s2
