@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._memory import release_freed_memory
+
 __all__ = ["iter_image_batches", "count_images", "image_shapes", "ValidatedImages"]
 
 
@@ -395,7 +397,21 @@ def iter_image_batches(X, batch_size):
     ------
     batch : list of torch.Tensor
         Float32 tensors of shape ``(3, H, W)``; sizes may differ within a batch.
+
+    Notes
+    -----
+    Before each batch but the first, the memory that the work on the previous
+    batch freed is handed back to the system (:func:`release_freed_memory`), so
+    that the resident size stays flat over long streams.
     """
+    for i, batch in enumerate(_image_batches(X, batch_size)):
+        if i:
+            release_freed_memory()
+        yield batch
+
+
+def _image_batches(X, batch_size):
+    """:func:`iter_image_batches` without the memory release."""
     if isinstance(X, ValidatedImages):
         for start in range(0, len(X), batch_size):
             yield X[start : start + batch_size]
