@@ -107,11 +107,18 @@ def fit_worker(cfg):
     torch.manual_seed(0)  # the same random weights in every process
     base = current_rss_bytes()
     det = _detector(cfg)
+    if cfg["freed_memory"] == "keep":
+        # The baseline: the allocator keeps what each batch freed, as it does
+        # by default (skpadim hands it back to the system between batches).
+        import skpadim._images
+
+        skpadim._images.release_freed_memory = lambda: False
     start = time.perf_counter()
     with PeakRSS(interval=0.02, heap=True) as sampled:
         det.fit(TextureTiles(cfg["n"], _tile_size(cfg)))
     in_use, kept = sampled.heap_in_use, sampled.heap_kept_free
-    return {"n_images": cfg["n"], "fit_s": time.perf_counter() - start,
+    return {"n_images": cfg["n"], "freed_memory": cfg["freed_memory"],
+            "fit_s": time.perf_counter() - start,
             "rss_base_mib": base / MIB, "peak_rss_mib": max_rss_bytes() / MIB,
             "rss_median_mib": sampled.quantile(0.5) / MIB, "rss_p99_mib": sampled.quantile(0.99) / MIB,
             "malloc_in_use_max_mib": None if in_use is None else in_use / MIB,
@@ -131,31 +138,46 @@ def _tile_size(cfg):
 
 def run_fit(args):
     rows = []
+    # With "both", the two settings alternate, so that a drift of the machine
+    # over the run affects both alike.
+    settings = ["release", "keep"] if args.freed_memory == "both" else [args.freed_memory]
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
             for run in range(1, args.repeats + 1):
-                cfg = dict(vars(args), n=n, func=None)
-                print(f"fitting on {n} images (run {run} of {args.repeats}) ...", flush=True)
-                rows.append(dict(run_worker(__file__, cfg, tmp, args.threads, f"fit{n}_{run}"), run=run))
-    # Ratios to the median of the first size's runs.
-    first = [r for r in rows if r["n_images"] == args.n[0]]
-    for key, ratio in (("peak_rss_mib", "vs_first"), ("rss_median_mib", "median_vs_first"),
-                       ("rss_p99_mib", "p99_vs_first")):
-        base = float(np.median([r[key] for r in first]))
-        for r in rows:
-            r[ratio] = r[key] / base
-    columns = ["n_images", "run", "frame", "n_features", "fit_s", "rss_base_mib", "peak_rss_mib",
+                for setting in settings:
+                    cfg = dict(vars(args), n=n, func=None, freed_memory=setting)
+                    print(f"fitting on {n} images (run {run} of {args.repeats}, freed memory: "
+                          f"{setting}) ...", flush=True)
+                    rows.append(dict(run_worker(__file__, cfg, tmp, args.threads,
+                                                f"fit{n}_{run}_{setting}"), run=run))
+    # Ratios to the median of the first size's runs with the same setting.
+    for setting in settings:
+        same = [r for r in rows if r["freed_memory"] == setting]
+        first = [r for r in same if r["n_images"] == args.n[0]]
+        for key, ratio in (("peak_rss_mib", "vs_first"), ("rss_median_mib", "median_vs_first"),
+                           ("rss_p99_mib", "p99_vs_first")):
+            base = float(np.median([r[key] for r in first]))
+            for r in same:
+                r[ratio] = r[key] / base
+    columns = ["n_images", "freed_memory", "run", "frame", "n_features", "fit_s", "rss_base_mib",
+               "peak_rss_mib",
                "vs_first", "rss_median_mib", "median_vs_first", "rss_p99_mib", "p99_vs_first",
                "malloc_in_use_max_mib", "malloc_kept_free_max_mib"]
     print(format_table(rows, columns))
     summary = []
-    for n in args.n:
-        peaks = [r["peak_rss_mib"] for r in rows if r["n_images"] == n]
-        summary.append({"n_images": n, "runs": len(peaks), "peak_rss_min_mib": min(peaks),
-                        "peak_rss_median_mib": float(np.median(peaks)), "peak_rss_max_mib": max(peaks)})
-    for entry in summary:
-        entry["median_vs_first"] = entry["peak_rss_median_mib"] / summary[0]["peak_rss_median_mib"]
-    if args.repeats > 1:
+    for setting in settings:
+        first = None
+        for n in args.n:
+            runs = [r for r in rows if r["n_images"] == n and r["freed_memory"] == setting]
+            peaks = [r["peak_rss_mib"] for r in runs]
+            entry = {"n_images": n, "freed_memory": setting, "runs": len(peaks),
+                     "peak_rss_min_mib": min(peaks), "peak_rss_median_mib": float(np.median(peaks)),
+                     "peak_rss_max_mib": max(peaks),
+                     "fit_s_median": float(np.median([r["fit_s"] for r in runs]))}
+            first = first or entry
+            entry["median_vs_first"] = entry["peak_rss_median_mib"] / first["peak_rss_median_mib"]
+            summary.append(entry)
+    if args.repeats > 1 or len(settings) > 1:
         print(format_table(summary, list(summary[0])))
     name = f"memory_fit_{args.backbone}_rd{args.n_features}"
     if args.tile:
@@ -211,6 +233,10 @@ def main(argv=None):
         p.add_argument("--threads", type=int, default=2)
     sub.choices["fit"].add_argument("--n", type=int, nargs="+", default=[200, 400])
     sub.choices["fit"].add_argument("--tag", default="", help="extra text for the result file names")
+    sub.choices["fit"].add_argument(
+        "--freed-memory", choices=["release", "keep", "both"], default="release",
+        help="'release': as skpadim does, hand the memory each batch freed back to the system; "
+             "'keep': leave it to the allocator (the baseline); 'both': alternate the two")
     sub.choices["fit"].add_argument("--repeats", type=int, default=1,
                                     help="fresh processes per number of images")
     sub.choices["stream"].add_argument("--n", type=int, default=10000)
