@@ -11,13 +11,17 @@ where the C library is glibc, so are the largest amounts of memory its allocator
 had in use and kept free: each batch allocates and frees the backbone's
 activations, the allocator keeps part of the freed memory to serve later
 batches, and the peak RSS is the moment when the most of both coincide.
+skpadim hands that memory's pages back to the system before each batch (the
+allocator still counts it as kept free, so that figure does not fall);
+``--freed-memory keep`` leaves it to the allocator instead (the baseline), and
+``both`` alternates the two settings process by process.
 
 ``stream``: one detector scores a generator of images (``iter_anomaly_maps``), and
 the RSS is sampled every ``--every`` images: it should stay flat.
 
     python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 5000
     python benchmarks/memory.py fit --backbone resnet18 --weights none --n-features 100 --n 200 5000 \
-        --repeats 3 --tag r3
+        --repeats 3 --freed-memory both --tag r3_freed-memory
     python benchmarks/memory.py fit --backbone wide_resnet50_2 --weights none --n-features 550 --n 200 400
     python benchmarks/memory.py stream --n 10000
     python benchmarks/memory.py fit --image-size auto --n-features auto --tile 500 1260 --n 200
