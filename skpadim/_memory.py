@@ -6,10 +6,9 @@ and over hundreds of batches what it keeps fragments and grows: a streaming
 pass whose own memory is flat then sees its resident size creep up with the
 number of images. ``malloc_trim`` returns the whole free pages it holds to the
 system; called between batches, it keeps the resident size to what one batch
-needs, for the price of faulting those pages in again (a CPU fit on 224 x 224
-images took 3% longer with ResNet-18, 7% with Wide-ResNet-50, whose larger
-process makes page faults dearer on some virtual machines). Elsewhere (other C
-libraries, other systems) nothing is done.
+needs, for the price of faulting those pages in again (CPU fits on 224 x 224
+images took 3% longer with ResNet-18 and 7% longer with Wide-ResNet-50, medians
+of three runs). Elsewhere (other C libraries, other systems) nothing is done.
 """
 
 import ctypes
