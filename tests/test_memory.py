@@ -53,6 +53,17 @@ def test_release_freed_memory_can_be_called_when_nothing_is_free():
     assert isinstance(_memory.release_freed_memory(), bool)
 
 
+def test_release_freed_memory_does_nothing_without_malloc_trim(monkeypatch):
+    # A C library without malloc_trim (musl, macOS) or none to load (Windows).
+    def no_c_library(name):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(_memory, "_MALLOC_TRIM", None)
+    monkeypatch.setattr(_memory.ctypes, "CDLL", no_c_library)
+    assert _memory._malloc_trim() is False
+    assert _memory.release_freed_memory() is False
+
+
 @pytest.mark.parametrize("as_list", [False, True])
 def test_image_batches_release_memory_between_batches(monkeypatch, as_list):
     calls = []
