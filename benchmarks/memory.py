@@ -164,8 +164,7 @@ def run_fit(args):
             for r in same:
                 r[ratio] = r[key] / base
     columns = ["n_images", "freed_memory", "run", "frame", "n_features", "fit_s", "rss_base_mib",
-               "peak_rss_mib",
-               "vs_first", "rss_median_mib", "median_vs_first", "rss_p99_mib", "p99_vs_first",
+               "peak_rss_mib", "vs_first", "rss_median_mib", "median_vs_first", "rss_p99_mib", "p99_vs_first",
                "malloc_in_use_max_mib", "malloc_kept_free_max_mib"]
     print(format_table(rows, columns))
     summary = []
