@@ -24,8 +24,10 @@ one-off costs (lazy library loading) are not timed. Three are run:
   fits its ``MultiVariateGaussian`` (Gaussian time); scoring is ``model(x)`` in
   eval mode, which returns maps and scores.
 * ``skpadim``: ``TorchvisionExtractor.transform`` on the training images and
-  a copy of the channel subset (feature time: anomalib's forward pass keeps
-  its subset too), then ``PatchGaussianDetector.fit`` on those embeddings; its
+  a copy of the channel subset, batch by batch (feature time: anomalib's
+  forward pass keeps its subset too, batch by batch, so that neither side
+  holds every channel of all the images), then ``PatchGaussianDetector.fit``
+  on those embeddings; its
   Gaussian time is the fit minus the threshold pass that the fit ends with
   (``score_samples`` on the training embeddings, timed again after the fit and
   reported apart). Scoring is ``transform``, the subset, then
@@ -289,11 +291,21 @@ def worker(cfg):
 
             def features(x):
                 # anomalib keeps its channel subset inside its forward pass
-                # (index_select after the backbone), so its feature time has it:
-                # here too, and the detector then keeps all the channels it gets.
-                emb = ext.transform(x)
-                kept = np.take(np.asarray(emb), cfg["channels"], axis=1)
-                return PatchEmbeddings(kept, image_shapes=emb.image_shapes,
+                # (index_select after the backbone, batch by batch), so its
+                # feature time has it: here too, and the detector then keeps all
+                # the channels it gets. Batch by batch as well, into one array of
+                # the kept channels: every channel of all the training images at
+                # once (4.5 GB for Wide-ResNet-50) would leave this process far
+                # larger than anomalib's when its Gaussian fit begins.
+                kept = None
+                for i in range(0, len(x), bs):
+                    emb = ext.transform(x[i : i + bs])
+                    if kept is None:
+                        kept = np.empty((len(x), len(cfg["channels"])) + emb.shape[2:], emb.dtype)
+                        shapes = np.empty((len(x), 2), dtype=np.asarray(emb.image_shapes).dtype)
+                    np.take(np.asarray(emb), cfg["channels"], axis=1, out=kept[i : i + len(emb)])
+                    shapes[i : i + len(emb)] = emb.image_shapes
+                return PatchEmbeddings(kept, image_shapes=shapes,
                                        resize_shape=emb.resize_shape, crop_box=emb.crop_box)
 
             rss_before_fit = common.current_rss_bytes()
