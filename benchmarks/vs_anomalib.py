@@ -27,11 +27,10 @@ one-off costs (lazy library loading) are not timed. Three are run:
   a copy of the channel subset, batch by batch (feature time: anomalib's
   forward pass keeps its subset too, batch by batch, so that neither side
   holds every channel of all the images), then ``PatchGaussianDetector.fit``
-  on those embeddings; its
-  Gaussian time is the fit minus the threshold pass that the fit ends with
-  (``score_samples`` on the training embeddings, timed again after the fit and
-  reported apart). Scoring is ``transform``, the subset, then
-  ``anomaly_maps``, batch by batch.
+  on those embeddings; its Gaussian time is the fit minus the threshold pass
+  that the fit ends with (``score_samples`` on the training embeddings, timed
+  again after the fit and reported apart). Scoring is ``transform``, the
+  subset, then ``anomaly_maps``, batch by batch.
 * ``skpadim-stream``: ``PatchGaussianDetector.fit`` on the images directly, the
   package's ordinary use: embeddings are reduced to statistics batch by batch
   and never all held. Its fit includes a second backbone pass over the
