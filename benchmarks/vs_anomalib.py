@@ -296,15 +296,14 @@ def worker(cfg):
                 # the kept channels: every channel of all the training images at
                 # once (4.5 GB for Wide-ResNet-50) would leave this process far
                 # larger than anomalib's when its Gaussian fit begins.
-                kept = None
+                kept, shapes = None, []
                 for i in range(0, len(x), bs):
                     emb = ext.transform(x[i : i + bs])
                     if kept is None:
                         kept = np.empty((len(x), len(cfg["channels"])) + emb.shape[2:], emb.dtype)
-                        shapes = np.empty((len(x), 2), dtype=np.asarray(emb.image_shapes).dtype)
                     np.take(np.asarray(emb), cfg["channels"], axis=1, out=kept[i : i + len(emb)])
-                    shapes[i : i + len(emb)] = emb.image_shapes
-                return PatchEmbeddings(kept, image_shapes=shapes,
+                    shapes.append(emb.image_shapes)
+                return PatchEmbeddings(kept, image_shapes=np.concatenate(shapes),
                                        resize_shape=emb.resize_shape, crop_box=emb.crop_box)
 
             rss_before_fit = common.current_rss_bytes()
