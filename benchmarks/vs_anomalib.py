@@ -256,7 +256,7 @@ def worker(cfg):
         rss_fit = common.max_rss_bytes()
         gaussian_s = t_gauss.seconds
         if cfg.get("fit_only"):
-            return _write_fit_only(cfg, result, gaussian_s)
+            return write_fit_only(cfg, result, gaussian_s)
         model.eval()
         maps, scores = [], []
         with common.Timer(cuda) as t_score, torch.inference_mode():  # as Lightning predicts
@@ -331,7 +331,7 @@ def worker(cfg):
         result["threshold_s"] = t_threshold.seconds
         gaussian_s = t_gauss.seconds - t_threshold.seconds
         if cfg.get("fit_only"):
-            return _write_fit_only(cfg, result, gaussian_s)
+            return write_fit_only(cfg, result, gaussian_s)
         del fit_input
         maps, dists = [], []
         with common.Timer(cuda) as t_score:
@@ -492,7 +492,7 @@ def parity_check(cfg, test_x):
     return float((ours - theirs).abs().max()), float(ours.abs().max())
 
 
-def _write_fit_only(cfg, result, gaussian_s):
+def write_fit_only(cfg, result, gaussian_s):
     """A repeat's result: its one Gaussian fit (the process ends there)."""
     result["gaussian_runs_s"] = [gaussian_s]
     Path(cfg["result_path"]).write_text(json.dumps(result))
