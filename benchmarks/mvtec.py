@@ -150,7 +150,8 @@ def worker(cfg):
         extractor,
         n_features=cfg["n_features"],
         shrinkage=cfg["shrinkage"],
-        **{k: cfg[k] for k in ("pooling", "image_score") if cfg.get(k) is not None},
+        **{k: cfg[k] for k in ("pooling", "image_score", "size_calibration", "localization")
+           if cfg.get(k) is not None},
         batch_size=cfg["batch_size"],
         device=cfg["device"],
         random_state=cfg["seed"],
@@ -239,6 +240,18 @@ def parse_args(argv=None):
         "--image-score",
         help="'max' (paper) or the top fraction of the map averaged (default: the detector's, 0.01)",
     )
+    p.add_argument(
+        "--size-calibration",
+        choices=("on", "off"),
+        help="put maps of differently sized images on one scale (default: the detector's, on; "
+        "paper: off). It changes nothing when the training images all have one size",
+    )
+    p.add_argument(
+        "--localization",
+        choices=("auto", "frame", "tiled"),
+        help="where the maps come from (default: the detector's, auto: tiled when the training "
+        "images' sizes differ, else frame; paper: frame)",
+    )
     p.add_argument("--image-size", type=int, default=224, help="resize side (default: 224)")
     p.add_argument("--crop-size", type=int, help="centre crop after the resize (paper: 256 then 224)")
     p.add_argument(
@@ -292,6 +305,10 @@ def run_name(args, dataset, n_features, shrinkage):
         parts.append(f"pool{args.pooling}")
     if args.image_score is not None:
         parts.append(f"score-{args.image_score}")
+    if args.size_calibration is not None:
+        parts.append(f"calibration-{args.size_calibration}")
+    if args.localization is not None:
+        parts.append(f"maps-{args.localization}")
     if args.max_train:
         parts.append(f"train{args.max_train}")
     if args.max_test:
@@ -367,6 +384,9 @@ def main(argv=None):
                 "weights": args.weights, "layers": args.layers, "n_features": n_features,
                 "shrinkage": shrinkage, "image_size": args.image_size, "crop_size": args.crop_size,
                 "pooling": args.pooling, "image_score": image_score,
+                "size_calibration": None if args.size_calibration is None
+                else args.size_calibration == "on",
+                "localization": args.localization,
                 "max_train": args.max_train, "max_test": args.max_test, "device": args.device,
                 "batch_size": args.batch_size, "seed": args.seed, "threads": threads,
             }  # fmt: skip
