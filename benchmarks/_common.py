@@ -301,6 +301,11 @@ def run_worker(script, config, workdir, threads, label):
     return json.loads(out_path.read_text())
 
 
+def write_worker_result(config, result):
+    """In a worker started by :func:`run_worker`: hand ``result`` back to it."""
+    Path(config["result_path"]).write_text(json.dumps(result))
+
+
 # -- data ----------------------------------------------------------------------
 def spaced_indices(n, k):
     """``k`` indices spread evenly over ``range(n)`` (all of them if k is None or >= n).

@@ -271,7 +271,7 @@ def worker(cfg):
         result.update({f"image_auroc{suffix}": img, f"pixel_auroc{suffix}": px, f"aupro{suffix}": pro})
     if cfg.get("figure"):
         draw_figure(cfg, maps, masks, y)
-    Path(cfg["result_path"]).write_text(json.dumps(result))
+    common.write_worker_result(cfg, result)
 
 
 def draw_figure(cfg, maps, masks, y, height=192):

@@ -257,7 +257,7 @@ def main(argv=None):
     if args.worker:
         cfg = json.loads(Path(args.worker).read_text())
         result = worker(cfg)
-        Path(cfg["result_path"]).write_text(json.dumps(result))
+        common.write_worker_result(cfg, result)
         return
     env = common.environment(args.threads)
     common.print_environment(env)

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     run_worker,
     set_threads,
     write_results,
+    write_worker_result,
 )
 
 
@@ -218,7 +219,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         cfg = json.loads(Path(argv[1]).read_text())
-        Path(cfg["result_path"]).write_text(json.dumps(fit_worker(cfg)))
+        write_worker_result(cfg, fit_worker(cfg))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)

@@ -190,7 +190,7 @@ def worker(cfg):
     }
     if cuda:
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / common.MIB
-    Path(cfg["result_path"]).write_text(json.dumps(result))
+    common.write_worker_result(cfg, result)
 
 
 # -- driver --------------------------------------------------------------------

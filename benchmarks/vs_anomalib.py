@@ -364,7 +364,7 @@ def worker(cfg):
     )
     if cuda:
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / common.MIB
-    Path(cfg["result_path"]).write_text(json.dumps(result))
+    common.write_worker_result(cfg, result)
 
 
 # -- driver --------------------------------------------------------------------
@@ -495,7 +495,7 @@ def parity_check(cfg, test_x):
 def write_fit_only(cfg, result, gaussian_s):
     """A repeat's result: its one Gaussian fit (the process ends there)."""
     result["gaussian_runs_s"] = [gaussian_s]
-    Path(cfg["result_path"]).write_text(json.dumps(result))
+    common.write_worker_result(cfg, result)
 
 
 def summarise_fits(result):
