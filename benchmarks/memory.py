@@ -48,7 +48,6 @@ from _common import (  # noqa: E402
     environment,
     format_table,
     max_rss_bytes,
-    print_environment,
     run_worker,
     set_threads,
     write_results,
